@@ -1,0 +1,309 @@
+"""MCMC as an :class:`~emdppl.base.Algorithm`: any registered sampler, many chains at once.
+
+``MCMC`` holds the settings; :func:`mcmc_algorithm` builds the pure ``(init, step)`` pair whose
+step advances every chain by one kernel step (``jax.vmap`` over chains); :meth:`MCMC.sample`
+runs warm-up and sampling on a :class:`~emdppl.target.Target` and returns arrays with leading
+``(chain, draw)`` axes.
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import equinox as eqx
+import jax
+import numpy as np
+from tqdm.auto import tqdm
+
+from emdppl.base import Algorithm, PRNGKey, PyTree, as_key
+from emdppl.inference_data import to_arviz
+from emdppl.run import run
+from emdppl.samplers import Sampler, get_sampler
+from emdppl.target import Target
+from emdppl.timing import stopwatch
+
+__all__ = ["MCMC", "MCMCResult", "MCMCState", "mcmc_algorithm"]
+
+
+class MCMCState(NamedTuple):
+    """Per-chain kernel states and kernel parameters (both with a leading chain axis)."""
+
+    chain_state: Any
+    parameters: dict
+
+
+def _target_fn(sampler: Sampler, logdensity_fn: Callable) -> Callable:
+    return logdensity_fn if sampler.needs_logdensity else jax.grad(logdensity_fn)
+
+
+class _MCMCStep(eqx.Module):
+    """``step(rng_key, state)``: one kernel step of every chain; info = (position, stats)."""
+
+    sampler_name: str = eqx.field(static=True)
+    options: tuple = eqx.field(static=True)
+    logdensity_fn: Callable
+
+    def __call__(self, rng_key: PRNGKey, state: MCMCState) -> tuple[MCMCState, tuple]:
+        sampler = get_sampler(self.sampler_name)
+        kernel = sampler.build_kernel(dict(self.options))
+        target_fn = _target_fn(sampler, self.logdensity_fn)
+
+        def one_chain(key, chain_state, parameters):
+            chain_state, info = kernel(key, chain_state, target_fn, parameters)
+            return chain_state, (chain_state.position, sampler.stats(chain_state, info))
+
+        num_chains = jax.tree.leaves(state.parameters)[0].shape[0]
+        keys = jax.random.split(rng_key, num_chains)
+        chain_state, info = jax.vmap(one_chain)(keys, state.chain_state, state.parameters)
+        return MCMCState(chain_state, state.parameters), info
+
+
+class _MCMCInit(eqx.Module):
+    """``init(position, rng_key)``: kernel states with default parameters (no warm-up)."""
+
+    sampler_name: str = eqx.field(static=True)
+    options: tuple = eqx.field(static=True)
+    logdensity_fn: Callable
+
+    def __call__(self, position: PyTree, rng_key: PRNGKey) -> MCMCState:
+        sampler = get_sampler(self.sampler_name)
+        target_fn = _target_fn(sampler, self.logdensity_fn)
+        num_chains = jax.tree.leaves(position)[0].shape[0]
+        keys = jax.random.split(rng_key, num_chains)
+        chain_state = jax.vmap(lambda x, k: sampler.init(x, target_fn, k))(position, keys)
+        parameters = jax.vmap(lambda x: sampler.parameters(x, dict(self.options)))(position)
+        return MCMCState(chain_state, parameters)
+
+
+def mcmc_algorithm(sampler: str, logdensity_fn: Callable, **options: Any) -> Algorithm:
+    """The MCMC ``Algorithm`` of a registered sampler on ``logdensity_fn``, over many chains.
+
+    ``init(position, rng_key)`` takes positions with a leading ``(num_chains,)`` axis and uses
+    the sampler's default parameters; ``step(rng_key, state)`` advances every chain and reports
+    ``(position, stats)`` per chain.
+
+    Examples
+    --------
+    >>> alg = emdppl.mcmc_algorithm("mala", lambda x: -0.5 * x @ x, step_size=0.5)
+    >>> state = alg.init(jnp.zeros((4, 2)), jax.random.key(0))
+    >>> state, (positions, stats) = alg.step(jax.random.key(1), state)
+    """
+    sampler_obj = get_sampler(sampler)
+    frozen = tuple(sorted(sampler_obj.options(**options).items()))
+    return Algorithm(
+        init=_MCMCInit(sampler, frozen, logdensity_fn),
+        step=_MCMCStep(sampler, frozen, logdensity_fn),
+    )
+
+
+@eqx.filter_jit
+def _warmup(
+    sampler_name: str,
+    options: tuple,
+    num_steps: int,
+    logdensity_fn: Callable,
+    position: PyTree,
+    keys,
+) -> MCMCState:
+    sampler = get_sampler(sampler_name)
+
+    def one_chain(key, x):
+        return sampler.warmup(key, x, logdensity_fn, num_steps, dict(options))
+
+    chain_state, parameters = jax.vmap(one_chain)(keys, position)
+    return MCMCState(chain_state, parameters)
+
+
+class MCMCResult(NamedTuple):
+    """Draws and statistics of an MCMC run.
+
+    Attributes
+    ----------
+    positions
+        Unconstrained draws, leaves of shape ``(chain, draw, ...)``.
+    stats
+        Per-draw statistics (see :class:`~emdppl.samplers.Sampler`), ``(chain, draw)``.
+    parameters
+        Kernel parameters after warm-up, leading axis ``chain``.
+    state
+        The final :class:`MCMCState` (to continue sampling).
+    timing
+        ``{"warmup_seconds", "sampling_seconds"}`` wall-clock, compilation included.
+    """
+
+    positions: PyTree
+    stats: dict
+    parameters: dict
+    state: MCMCState
+    timing: dict
+
+
+class MCMC:
+    """Settings of an MCMC run with a registered sampler.
+
+    Parameters
+    ----------
+    sampler
+        A name from :func:`emdppl.samplers` (``"nuts"``, ``"mala"``, ...).
+    num_warmup
+        Warm-up (adaptation) steps per chain; discarded.
+    num_samples
+        Kept draws per chain (after thinning).
+    num_chains
+        Chains run in parallel with ``jax.vmap``.
+    thinning
+        Keep every ``thinning``-th draw.
+    **sampler_options
+        Options of the sampler, e.g. ``target_accept`` for NUTS or ``step_size`` for ULA.
+
+    Examples
+    --------
+    >>> mala = emdppl.MCMC("mala", num_warmup=2000, num_chains=8)
+    >>> idata = emdppl.infer(model, mala, model_kwargs=data)  # doctest: +SKIP
+    """
+
+    def __init__(
+        self,
+        sampler: str = "nuts",
+        *,
+        num_warmup: int = 1000,
+        num_samples: int = 1000,
+        num_chains: int = 4,
+        thinning: int = 1,
+        **sampler_options: Any,
+    ) -> None:
+        self.sampler = get_sampler(sampler).name
+        for name, value, low in (
+            ("num_warmup", num_warmup, 0),
+            ("num_samples", num_samples, 1),
+            ("num_chains", num_chains, 1),
+            ("thinning", thinning, 1),
+        ):
+            if not isinstance(value, (int, np.integer)) or value < low:
+                raise ValueError(f"MCMC: {name} must be an integer >= {low}, got {value!r}.")
+        self.num_warmup = int(num_warmup)
+        self.num_samples = int(num_samples)
+        self.num_chains = int(num_chains)
+        self.thinning = int(thinning)
+        self.options = get_sampler(sampler).options(**sampler_options)
+
+    def __repr__(self) -> str:
+        opts = "".join(f", {k}={v!r}" for k, v in self.options.items())
+        return (
+            f"MCMC({self.sampler!r}, num_warmup={self.num_warmup}, num_samples={self.num_samples}, "
+            f"num_chains={self.num_chains}, thinning={self.thinning}{opts})"
+        )
+
+    def sample(
+        self, rng_key: int | PRNGKey, target: Target, *, progress_bar: bool = True
+    ) -> MCMCResult:
+        """Warm up and sample every chain of ``target`` (``initial_position`` sets the chains)."""
+        sampler = get_sampler(self.sampler)
+        frozen = tuple(sorted(self.options.items()))
+        warmup_key, init_key, sample_key = jax.random.split(as_key(rng_key), 3)
+        algorithm = mcmc_algorithm(self.sampler, target.logdensity_fn, **self.options)
+        position = target.initial_position
+
+        start = time.perf_counter()
+        if self.num_warmup > 0 and sampler.warmup is not None:
+            keys = jax.random.split(warmup_key, target.num_chains)
+            with tqdm(total=1, desc=f"{self.sampler} warmup", disable=not progress_bar) as bar:
+                state = _warmup(
+                    self.sampler, frozen, self.num_warmup, target.logdensity_fn, position, keys
+                )
+                jax.block_until_ready(state)
+                bar.update()
+        else:
+            state = eqx.filter_jit(algorithm.init)(position, init_key)
+        warmup_seconds = time.perf_counter() - start
+
+        start = time.perf_counter()
+        state, (positions, stats) = run(
+            sample_key,
+            algorithm,
+            self.num_samples * self.thinning,
+            state,
+            thinning=self.thinning,
+            progress_bar=progress_bar,
+            desc=f"{self.sampler} sampling",
+        )
+        sampling_seconds = time.perf_counter() - start
+
+        to_chain_major = lambda x: np.swapaxes(x, 0, 1)  # (draw, chain, ...) -> (chain, draw, ...)
+        positions = jax.tree.map(to_chain_major, positions)
+        stats = {k: to_chain_major(v) for k, v in stats.items()}
+        if "step_size" in state.parameters:
+            step_size = np.asarray(state.parameters["step_size"])
+            stats["step_size"] = np.broadcast_to(
+                step_size[:, None], (target.num_chains, self.num_samples)
+            )
+        _warn_divergences(stats, self.sampler)
+        return MCMCResult(
+            positions,
+            stats,
+            jax.device_get(state.parameters),
+            state,
+            {"warmup_seconds": warmup_seconds, "sampling_seconds": sampling_seconds},
+        )
+
+    def infer(
+        self,
+        model: Callable | Target,
+        *,
+        model_args: tuple = (),
+        model_kwargs: dict | None = None,
+        rng_key: int | PRNGKey = 0,
+        auxiliary: bool = True,
+        progress_bar: bool = True,
+    ) -> Any:
+        """Sample a NumPyro model's posterior (or a :class:`Target`) and return InferenceData.
+
+        See :func:`emdppl.infer`.
+        """
+        target_key, sample_key = jax.random.split(as_key(rng_key))
+        with stopwatch() as watch:
+            if isinstance(model, Target):
+                target = model
+            else:
+                target = Target.from_numpyro(
+                    model,
+                    model_args=model_args,
+                    model_kwargs=model_kwargs,
+                    num_chains=self.num_chains,
+                    rng_key=target_key,
+                    auxiliary=auxiliary,
+                )
+            result = self.sample(sample_key, target, progress_bar=progress_bar)
+            posterior = target.postprocess(result.positions)
+        attrs = {
+            "algorithm": "mcmc",
+            "sampler": self.sampler,
+            "sampler_options": self.options,
+            "auxiliary": int(bool(auxiliary) and not isinstance(model, Target)),
+            "num_warmup": self.num_warmup,
+            "thinning": self.thinning,
+            "sampler_parameters": result.parameters,
+            "wall_seconds": watch.wall_seconds,
+            "compile_seconds": watch.compile_seconds,
+            **result.timing,
+        }
+        return to_arviz(posterior, result.stats, attrs)
+
+
+def _warn_divergences(stats: dict, sampler: str) -> None:
+    if "diverging" not in stats:
+        return
+    count = int(np.sum(stats["diverging"]))
+    if count:
+        total = stats["diverging"].size
+        warnings.warn(
+            f"{count} of {total} {sampler} transitions diverged: the draws may be biased. "
+            "Sample the "
+            "auxiliary form (emdppl.infer(..., auxiliary=True), the default) or raise the target "
+            f"acceptance, e.g. emdppl.MCMC({sampler!r}, target_accept=0.95).",
+            RuntimeWarning,
+            stacklevel=3,
+        )

@@ -1,0 +1,300 @@
+r"""What every sampler works on: a log density on an unconstrained space, and its way back.
+
+A :class:`Target` is an equinox module (a pytree): the arrays it holds (data, initial positions)
+are traced arguments of the jitted code, and the rest (the model function, flags) is static.
+Two targets built from the same model on data of the same shapes therefore share compiled code:
+a second :func:`emdppl.infer` call does not retrace the model.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpyro
+from numpyro import handlers
+from numpyro.distributions import biject_to
+from numpyro.infer.initialization import init_to_uniform
+from numpyro.infer.util import constrain_fn, find_valid_initial_params, potential_energy
+
+from emdppl.base import PRNGKey, PyTree, as_key
+from emdppl.reparam import auxiliary as make_auxiliary
+
+__all__ = ["NumPyroLogDensity", "NumPyroPostprocess", "Target"]
+
+
+def _call_model(model: Callable, is_auxiliary: bool) -> Callable:
+    return make_auxiliary(model) if is_auxiliary else model
+
+
+class NumPyroLogDensity(eqx.Module):
+    r"""The positive log joint of a NumPyro model on its unconstrained (auxiliary) space.
+
+    ``self(position) = log p(data, T(position)) + log |det J_T(position)|``, where ``position``
+    is a dict ``{site: array}`` of unconstrained latent values and ``T`` maps each site to its
+    support. Calling it traces the model.
+    """
+
+    model: Callable = eqx.field(static=True)
+    is_auxiliary: bool = eqx.field(static=True)
+    model_args: tuple
+    model_kwargs: dict
+
+    def __call__(self, position: dict) -> jax.Array:
+        model = _call_model(self.model, self.is_auxiliary)
+        return -potential_energy(model, self.model_args, self.model_kwargs, position)
+
+
+class NumPyroPostprocess(eqx.Module):
+    """Map an unconstrained position to every model site on its constrained scale.
+
+    Returns latent sites, the sites ``auxiliary()`` turned into deterministics (centered names,
+    e.g. ``theta``) and the model's own ``numpyro.deterministic`` sites.
+    """
+
+    model: Callable = eqx.field(static=True)
+    is_auxiliary: bool = eqx.field(static=True)
+    model_args: tuple
+    model_kwargs: dict
+
+    def __call__(self, position: dict) -> dict:
+        model = _call_model(self.model, self.is_auxiliary)
+        return constrain_fn(
+            model, self.model_args, self.model_kwargs, position, return_deterministic=True
+        )
+
+
+def _prototype(model: Callable, model_args: tuple, model_kwargs: dict, rng_key: PRNGKey) -> dict:
+    """Unconstrained values of the latents at a prior draw, after rejecting discrete latents
+    and models without latents. Runs at trace time, once per compile."""
+    trace = handlers.trace(handlers.seed(model, rng_key)).get_trace(*model_args, **model_kwargs)
+    latents = [k for k, s in trace.items() if s["type"] == "sample" and not s["is_observed"]]
+    discrete = [k for k in latents if trace[k]["fn"].is_discrete]
+    if discrete:
+        raise ValueError(
+            f"discrete latent site(s) {discrete}: emdppl's samplers are gradient based. "
+            "Marginalise "
+            "them out in the model (e.g. a mixture with logsumexp over the components) or observe "
+            "them; emdppl.check_auxiliary(model, ...) reports every site."
+        )
+    if not latents:
+        raise ValueError("the model has no latent sample sites: there is nothing to infer.")
+    return {k: biject_to(trace[k]["fn"].support).inv(trace[k]["value"]) for k in latents}
+
+
+@eqx.filter_jit
+def _initial_positions(
+    log_density: NumPyroLogDensity, rng_keys: PRNGKey, radius: float
+) -> tuple[dict, jax.Array]:
+    """One valid unconstrained position per key (uniform in ``[-radius, radius]``, retried)."""
+    model = _call_model(log_density.model, log_density.is_auxiliary)
+    prototype = _prototype(model, log_density.model_args, log_density.model_kwargs, rng_keys[0])
+
+    def one(rng_key):
+        (params, _, _), is_valid = find_valid_initial_params(
+            rng_key,
+            model,
+            init_strategy=init_to_uniform(radius=radius),
+            model_args=log_density.model_args,
+            model_kwargs=log_density.model_kwargs,
+            prototype_params=prototype,
+        )
+        return params, is_valid
+
+    return jax.vmap(one)(rng_keys)
+
+
+def _site_log_probs(
+    model: Callable, model_args: tuple, model_kwargs: dict, rng_key: PRNGKey
+) -> dict:
+    """Summed log probability of every sample site at a prior draw (to name a NaN/inf site)."""
+    trace = handlers.trace(handlers.seed(model, rng_key)).get_trace(*model_args, **model_kwargs)
+    return {
+        k: float(jnp.sum(s["fn"].log_prob(s["value"])))
+        for k, s in trace.items()
+        if s["type"] == "sample"
+    }
+
+
+def _bind_arguments(model: Callable, model_args: tuple, model_kwargs: dict) -> None:
+    """Check the arguments against the model's signature before anything is traced."""
+    try:
+        signature = inspect.signature(model)
+    except (TypeError, ValueError):
+        return
+    name = getattr(model, "__name__", "the model")
+    params = signature.parameters
+    takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    unknown = sorted(set(model_kwargs) - set(params))
+    if unknown and not takes_any:
+        raise ValueError(
+            f"unknown model_kwargs {unknown}: {name} takes {list(params)}. Pass "
+            "model_kwargs=dict(...) with the model's own argument names."
+        )
+    try:
+        signature.bind(*model_args, **model_kwargs)
+    except TypeError as err:
+        raise ValueError(
+            f"model_args/model_kwargs do not fit {name}{signature}: {err}. Pass "
+            "model_kwargs=dict(...) with the model's own argument names."
+        ) from None
+
+
+class Target(eqx.Module):
+    """A positive log density on an unconstrained space, where chains start, and the way back.
+
+    Attributes
+    ----------
+    logdensity_fn
+        ``logdensity_fn(position) -> scalar``: the positive log density (up to a constant) of
+        one position, a pytree without chain axis.
+    initial_position
+        The starting positions, a pytree whose leaves have a leading ``(num_chains,)`` axis.
+    postprocess_fn
+        ``postprocess_fn(position) -> dict`` of named arrays (model sites on their constrained
+        scale), or ``None`` when the position is reported as it is.
+    """
+
+    logdensity_fn: Callable
+    initial_position: PyTree
+    postprocess_fn: Callable | None = None
+
+    @property
+    def num_chains(self) -> int:
+        """Length of the leading axis of ``initial_position``."""
+        return jax.tree.leaves(self.initial_position)[0].shape[0]
+
+    def postprocess(self, positions: PyTree) -> dict:
+        """Named arrays for positions with two leading axes ``(chain, draw)``."""
+        return _postprocess(self.postprocess_fn, positions)
+
+    @classmethod
+    def from_numpyro(
+        cls,
+        model: Callable,
+        *,
+        model_args: tuple = (),
+        model_kwargs: dict | None = None,
+        num_chains: int = 4,
+        rng_key: int | PRNGKey = 0,
+        auxiliary: bool = True,
+        init_radius: float = 2.0,
+    ) -> Target:
+        """Build the target of a NumPyro model's posterior.
+
+        Parameters
+        ----------
+        model
+            A NumPyro model, written as people write it (centered is fine).
+        model_args, model_kwargs
+            Its arguments; arrays among them are traced, Python scalars are static.
+        num_chains
+            Number of initial positions, drawn uniformly in ``[-init_radius, init_radius]`` on
+            the unconstrained scale and retried until log density and gradient are finite.
+        rng_key
+            Seed or key for the initial positions.
+        auxiliary
+            Apply :func:`emdppl.auxiliary` first (the default).
+
+        Examples
+        --------
+        >>> data = dict(sigma=s, y=y)
+        >>> target = emdppl.Target.from_numpyro(eight_schools, model_kwargs=data)  # doctest: +SKIP
+        >>> first = jax.tree.map(lambda x: x[0], target.initial_position)  # doctest: +SKIP
+        >>> target.logdensity_fn(first)  # doctest: +SKIP
+        """
+        model_kwargs = dict(model_kwargs or {})
+        if not callable(model):
+            raise TypeError(
+                f"model must be a NumPyro model (a callable), got {type(model).__name__}."
+            )
+        if num_chains < 1:
+            raise ValueError(f"num_chains must be >= 1, got {num_chains}.")
+        _bind_arguments(model, tuple(model_args), model_kwargs)
+        log_density = NumPyroLogDensity(model, auxiliary, tuple(model_args), model_kwargs)
+        postprocess = NumPyroPostprocess(model, auxiliary, tuple(model_args), model_kwargs)
+        keys = jax.random.split(as_key(rng_key), num_chains)
+        with numpyro.validation_enabled(False):
+            position, is_valid = _initial_positions(log_density, keys, init_radius)
+        if not bool(jnp.all(is_valid)):
+            site_lp = _site_log_probs(
+                _call_model(model, auxiliary), tuple(model_args), model_kwargs, keys[0]
+            )
+            bad = [k for k, v in site_lp.items() if not jnp.isfinite(v)]
+            raise ValueError(
+                f"the log density or its gradient is NaN/inf at every tried initial point of "
+                f"{int(jnp.sum(~is_valid))} of {num_chains} chains (100 tries each, uniform in "
+                f"[-{init_radius}, {init_radius}] on the unconstrained scale). Sites with a "
+                f"non-finite log probability at a prior draw: {bad or 'none found'}. Check the "
+                "data (NaN, out-of-support observations) and the parameters of those sites."
+            )
+        return cls(log_density, position, postprocess)
+
+    @classmethod
+    def from_logdensity(
+        cls,
+        logdensity_fn: Callable,
+        initial_position: PyTree,
+        *,
+        num_chains: int | None = None,
+        postprocess_fn: Callable | None = None,
+    ) -> Target:
+        """Wrap a plain JAX log density.
+
+        Parameters
+        ----------
+        logdensity_fn
+            ``logdensity_fn(position) -> scalar``, positive log density up to a constant.
+        initial_position
+            One position per chain (leading chain axis), or one position to copy ``num_chains``
+            times when ``num_chains`` is given.
+        num_chains
+            See ``initial_position``.
+        postprocess_fn
+            Optional map from a position to a dict of named arrays.
+
+        Examples
+        --------
+        >>> logdensity = lambda x: -0.5 * x @ x
+        >>> target = emdppl.Target.from_logdensity(logdensity, jnp.zeros(2), num_chains=4)
+        """
+        if num_chains is not None:
+            if num_chains < 1:
+                raise ValueError(f"num_chains must be >= 1, got {num_chains}.")
+            initial_position = jax.tree.map(
+                lambda x: jnp.broadcast_to(jnp.asarray(x), (num_chains, *jnp.shape(x))),
+                initial_position,
+            )
+        initial_position = jax.tree.map(jnp.asarray, initial_position)
+        if any(jnp.ndim(x) == 0 for x in jax.tree.leaves(initial_position)):
+            raise ValueError(
+                "initial_position needs a leading chain axis; pass num_chains=... to copy a single "
+                "position to every chain."
+            )
+        first = jax.tree.map(lambda x: x[0], initial_position)
+        value = logdensity_fn(first)
+        if jnp.shape(value) != ():
+            raise ValueError(
+                f"logdensity_fn must return a scalar for one position, got shape "
+                f"{jnp.shape(value)}."
+            )
+        if not bool(jnp.isfinite(value)):
+            raise ValueError(
+                f"logdensity_fn is {float(value)} at the first initial position; start the chains "
+                "inside the support."
+            )
+        return cls(logdensity_fn, initial_position, postprocess_fn)
+
+    def with_initial_position(self, initial_position: PyTree) -> Target:
+        """The same target, started elsewhere."""
+        return Target(self.logdensity_fn, initial_position, self.postprocess_fn)
+
+
+@eqx.filter_jit
+def _postprocess(postprocess_fn: Callable | None, positions: PyTree) -> dict:
+    if postprocess_fn is None:
+        return positions if isinstance(positions, dict) else {"x": positions}
+    return jax.vmap(jax.vmap(postprocess_fn))(positions)

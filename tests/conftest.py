@@ -1,0 +1,30 @@
+import json
+import pathlib
+
+import numpy as np
+import pytest
+
+DATA = pathlib.Path(__file__).parent / "data"
+
+
+@pytest.fixture(scope="session")
+def eight_schools_reference():
+    """posteriordb reference: {"theta[1]": {"mean", "sd", "mcse_mean"}, ..., "mu", "tau"}."""
+    with open(DATA / "posteriordb" / "eight_schools_reference.json") as f:
+        ref = json.load(f)
+    ref["data"] = {k: np.asarray(v, dtype=float) for k, v in ref["data"].items() if k != "J"}
+    return ref
+
+
+def reference_z(idata, ref, az):
+    """Max |z| of posterior means against the reference, z = diff / sqrt(mcse^2 + mcse_ref^2),
+    over mu, tau and theta (posteriordb's theta[j] is 1-indexed)."""
+    summary = az.summary(idata, var_names=["mu", "tau", "theta"], kind="all")
+    zs = {}
+    for name, row in summary.iterrows():
+        ref_name = name
+        if name.startswith("theta["):
+            ref_name = f"theta[{int(name[6:-1]) + 1}]"
+        r = ref["params"][ref_name]
+        zs[name] = (row["mean"] - r["mean"]) / np.hypot(row["mcse_mean"], r["mcse_mean"])
+    return zs
