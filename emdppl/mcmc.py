@@ -156,6 +156,9 @@ class MCMC:
         Chains run in parallel with ``jax.vmap``.
     thinning
         Keep every ``thinning``-th draw.
+    checkpoint_dir
+        If given, sampling writes a checkpoint there after every chunk and a run that finds one
+        resumes from it (see :func:`emdppl.run`); warm-up is one jitted call and is redone.
     **sampler_options
         Options of the sampler, e.g. ``target_accept`` for NUTS or ``step_size`` for ULA.
 
@@ -173,6 +176,7 @@ class MCMC:
         num_samples: int = 1000,
         num_chains: int = 4,
         thinning: int = 1,
+        checkpoint_dir: str | None = None,
         **sampler_options: Any,
     ) -> None:
         self.sampler = get_sampler(sampler).name
@@ -188,6 +192,7 @@ class MCMC:
         self.num_samples = int(num_samples)
         self.num_chains = int(num_chains)
         self.thinning = int(thinning)
+        self.checkpoint_dir = checkpoint_dir
         self.options = get_sampler(sampler).options(**sampler_options)
 
     def __repr__(self) -> str:
@@ -229,6 +234,7 @@ class MCMC:
             thinning=self.thinning,
             progress_bar=progress_bar,
             desc=f"{self.sampler} sampling",
+            checkpoint_dir=self.checkpoint_dir,
         )
         sampling_seconds = time.perf_counter() - start
 
