@@ -9,6 +9,7 @@ a second :func:`emdppl.infer` call does not retrace the model.
 from __future__ import annotations
 
 import inspect
+import warnings
 from collections.abc import Callable
 
 import equinox as eqx
@@ -67,21 +68,32 @@ class NumPyroPostprocess(eqx.Module):
         )
 
 
-def _prototype(model: Callable, model_args: tuple, model_kwargs: dict, rng_key: PRNGKey) -> dict:
+def _prototype(
+    model: Callable, model_args: tuple, model_kwargs: dict, rng_key: PRNGKey, is_auxiliary: bool
+) -> dict:
     """Unconstrained values of the latents at a prior draw, after rejecting discrete latents
-    and models without latents. Runs at trace time, once per compile."""
+    and models without latents, and warning about latents left centered. Runs at trace time,
+    once per compile."""
     trace = handlers.trace(handlers.seed(model, rng_key)).get_trace(*model_args, **model_kwargs)
     latents = [k for k, s in trace.items() if s["type"] == "sample" and not s["is_observed"]]
     discrete = [k for k in latents if trace[k]["fn"].is_discrete]
     if discrete:
         raise ValueError(
             f"discrete latent site(s) {discrete}: emdppl's samplers are gradient based. "
-            "Marginalise "
-            "them out in the model (e.g. a mixture with logsumexp over the components) or observe "
-            "them; emdppl.check_auxiliary(model, ...) reports every site."
+            "Marginalise them out in the model (e.g. a mixture with logsumexp over the "
+            "components) or observe them; emdppl.check_auxiliary(model, ...) reports every site."
         )
     if not latents:
         raise ValueError("the model has no latent sample sites: there is nothing to infer.")
+    centered = [k for k in latents if not k.endswith("_decentered")]
+    if is_auxiliary and centered:
+        families = {k: type(trace[k]["fn"]).__name__ for k in centered}
+        warnings.warn(
+            f"site(s) left centered by auxiliary(): {families}; they are sampled on their "
+            "unconstrained scale. emdppl.check_auxiliary(model, ...) says why and how to fix it.",
+            UserWarning,
+            stacklevel=2,
+        )
     return {k: biject_to(trace[k]["fn"].support).inv(trace[k]["value"]) for k in latents}
 
 
@@ -91,7 +103,13 @@ def _initial_positions(
 ) -> tuple[dict, jax.Array]:
     """One valid unconstrained position per key (uniform in ``[-radius, radius]``, retried)."""
     model = _call_model(log_density.model, log_density.is_auxiliary)
-    prototype = _prototype(model, log_density.model_args, log_density.model_kwargs, rng_keys[0])
+    prototype = _prototype(
+        model,
+        log_density.model_args,
+        log_density.model_kwargs,
+        rng_keys[0],
+        log_density.is_auxiliary,
+    )
 
     def one(rng_key):
         (params, _, _), is_valid = find_valid_initial_params(

@@ -164,3 +164,15 @@ def test_unknown_sampler_and_bad_counts():
         emdppl.MCMC("nuts", target_acept=0.9)
     with pytest.raises(TypeError, match="algorithm must be"):
         emdppl.infer(eight_schools, 3)
+
+
+def test_site_left_centered_warns_with_its_family():
+    def model():
+        numpyro.sample("p", dist.Beta(2.0, 3.0))
+        numpyro.sample("x", dist.Normal(0.0, 1.0))
+
+    with pytest.warns(UserWarning, match=r"left centered.*'p': 'Beta'"):
+        idata = emdppl.infer(
+            model, emdppl.MCMC("mala", num_warmup=200, num_samples=200), progress_bar=False
+        )
+    assert "x_decentered" in idata.posterior and "p" in idata.posterior
