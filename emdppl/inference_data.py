@@ -9,6 +9,7 @@ ArviZ's own converters use (``lp``, ``acceptance_rate``, ``diverging``, ``energy
 
 from __future__ import annotations
 
+import functools
 import importlib.metadata
 import json
 from typing import Any
@@ -22,15 +23,20 @@ __all__ = ["to_arviz", "versions"]
 _ARVIZ_MAJOR = int(az.__version__.split(".")[0])
 
 
-def versions() -> dict[str, str]:
-    """Versions of emdppl and the libraries that shaped a result."""
-    out = {}
+@functools.cache
+def _versions() -> tuple[tuple[str, str], ...]:
+    out = []
     for name in ("emdppl", "jax", "jaxlib", "numpyro", "blackjax", "optax", "equinox", "arviz"):
         try:
-            out[f"{name}_version"] = importlib.metadata.version(name)
+            out.append((f"{name}_version", importlib.metadata.version(name)))
         except importlib.metadata.PackageNotFoundError:
-            out[f"{name}_version"] = "not installed"
-    return out
+            out.append((f"{name}_version", "not installed"))
+    return tuple(out)
+
+
+def versions() -> dict[str, str]:
+    """Versions of emdppl and the libraries that shaped a result."""
+    return dict(_versions())
 
 
 def _dataset(arrays: dict[str, Any], attrs: dict[str, Any]) -> xr.Dataset:

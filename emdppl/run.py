@@ -43,6 +43,9 @@ def _chunk(
     def one_step(state, index):
         return algorithm.step(jax.random.fold_in(rng_key, index), state)
 
+    if thinning == 1:  # no inner loop: one scan is cheaper to compile
+        return jax.lax.scan(one_step, state, start + jnp.arange(length))
+
     def recorded_step(state, index):
         indices = index * thinning + jnp.arange(thinning)
         state, infos = jax.lax.scan(one_step, state, indices)
@@ -128,13 +131,18 @@ def run(
             state, infos = _chunk(
                 algorithm, state, rng_key, jnp.asarray(done * thinning), n, thinning
             )
-            chunks.append(jax.device_get(infos))
+            if path is None:  # start the copy to the host now, collect it at the end
+                jax.tree.map(lambda x: x.copy_to_host_async(), infos)
+                chunks.append(infos)
+            else:
+                chunks.append(jax.device_get(infos))
             done += n
             bar.update(n * thinning)
             if path is not None:
                 _save_checkpoint(path, num_records, thinning, done, state, chunks)
     finally:
         bar.close()
+    chunks = jax.device_get(chunks)
     trace = jax.tree.map(lambda *xs: np.concatenate(xs, axis=0), *chunks)
     return state, trace
 

@@ -1,0 +1,371 @@
+"""NUTS speed: emdppl against NumPyro and a hand-written blackjax loop, in one process.
+
+All three sample the same auxiliary (non-centered) log density with Stan-style window
+adaptation (diagonal mass matrix, target acceptance 0.8, at most 10 doublings) and the same
+chains, warm-up and draws. Each method is first run once to compile, then once per seed (the
+three alternating within a seed); the reported numbers are medians over seeds. See
+``benchmarks/README.md`` for the metrics.
+
+    python -m benchmarks.nuts_speed            # full run: 4 chains, 1000 + 1000, 3 seeds
+    python -m benchmarks.nuts_speed --smoke    # 2 chains, 100 + 100, eight schools, one seed
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+
+import arviz as az
+import blackjax
+import jax
+import matplotlib
+import numpy as np
+from numpyro.infer import MCMC as NumPyroMCMC
+from numpyro.infer import NUTS
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import emdppl  # noqa: E402
+from benchmarks.models import BENCHMARK_MODELS, BenchmarkModel  # noqa: E402
+from emdppl.inference_data import versions  # noqa: E402
+from emdppl.timing import stopwatch  # noqa: E402
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+METHODS = ("emdppl", "numpyro", "blackjax")
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+_COMPILE_SEED_OFFSET = 10_000
+
+
+def _ess(draws: dict[str, np.ndarray], var_names: tuple[str, ...]) -> tuple[float, float]:
+    """Smallest bulk and tail ESS over every scalar component of ``var_names``."""
+    dataset = az.convert_to_dataset({k: np.asarray(draws[k]) for k in var_names})
+    bulk = az.ess(dataset, method="bulk")
+    tail = az.ess(dataset, method="tail")
+    return (
+        float(min(bulk[k].values.min() for k in var_names)),
+        float(min(tail[k].values.min() for k in var_names)),
+    )
+
+
+def run_emdppl(bench: BenchmarkModel, kwargs: dict, seed: int, settings: dict) -> dict:
+    algorithm = emdppl.MCMC("nuts", **settings)
+    start = time.perf_counter()
+    idata = emdppl.infer(
+        bench.model, algorithm, model_kwargs=kwargs, rng_key=seed, progress_bar=False
+    )
+    seconds = time.perf_counter() - start
+    posterior = {k: idata.posterior[k].values for k in bench.var_names}
+    stats = idata.sample_stats
+    attrs = idata.posterior.attrs
+    return {
+        "seconds": seconds,
+        "draws": posterior,
+        "n_grad_evals": int(stats["n_grad_evals"].values.sum()),
+        "divergences": int(stats["diverging"].values.sum()),
+        "compile_seconds_attr": float(attrs["compile_seconds"]),
+        "warmup_seconds_attr": float(attrs["warmup_seconds"]),
+        "sampling_seconds_attr": float(attrs["sampling_seconds"]),
+    }
+
+
+def make_numpyro_runner(bench: BenchmarkModel, settings: dict) -> Callable:
+    """One NumPyro MCMC object per model, so its compiled sampler is reused across seeds."""
+    mcmc = NumPyroMCMC(
+        NUTS(emdppl.auxiliary(bench.model), target_accept_prob=0.8, max_tree_depth=10),
+        num_warmup=settings["num_warmup"],
+        num_samples=settings["num_samples"],
+        num_chains=settings["num_chains"],
+        chain_method="vectorized",
+        progress_bar=False,
+    )
+
+    def run_numpyro(kwargs: dict, seed: int) -> dict:
+        start = time.perf_counter()
+        mcmc.run(jax.random.key(seed), extra_fields=("num_steps", "diverging"), **kwargs)
+        samples = jax.device_get(mcmc.get_samples(group_by_chain=True))
+        extra = jax.device_get(mcmc.get_extra_fields(group_by_chain=True))
+        seconds = time.perf_counter() - start
+        return {
+            "seconds": seconds,
+            "draws": {k: samples[k] for k in bench.var_names},
+            "n_grad_evals": int(np.sum(extra["num_steps"])),
+            "divergences": int(np.sum(extra["diverging"])),
+        }
+
+    return run_numpyro
+
+
+def _blackjax_sample(
+    rng_key: jax.Array, target: emdppl.Target, num_warmup: int, num_samples: int
+) -> tuple[dict, jax.Array, jax.Array]:
+    """Window adaptation vmapped over chains, then a ``lax.scan`` of the vmapped NUTS step."""
+    logdensity_fn = target.logdensity_fn
+    num_chains = target.num_chains
+    warmup_key, sample_key = jax.random.split(rng_key)
+
+    def warmup_one(key, position):
+        adaptation = blackjax.window_adaptation(
+            blackjax.nuts, logdensity_fn, target_acceptance_rate=0.8, max_num_doublings=10
+        )
+        (result, _) = adaptation.run(key, position, num_warmup)
+        return result.state, result.parameters
+
+    states, parameters = jax.vmap(warmup_one)(
+        jax.random.split(warmup_key, num_chains), target.initial_position
+    )
+
+    def step_one(key, state, params):
+        nuts = blackjax.nuts(
+            logdensity_fn,
+            step_size=params["step_size"],
+            inverse_mass_matrix=params["inverse_mass_matrix"],
+            max_num_doublings=10,
+        )
+        return nuts.step(key, state)
+
+    def one_step(states, key):
+        states, info = jax.vmap(step_one)(jax.random.split(key, num_chains), states, parameters)
+        return states, (states.position, info.num_integration_steps, info.is_divergent)
+
+    _, (positions, num_steps, divergent) = jax.lax.scan(
+        one_step, states, jax.random.split(sample_key, num_samples)
+    )
+    positions = jax.tree.map(lambda x: x.swapaxes(0, 1), positions)  # -> (chain, draw, ...)
+    return jax.vmap(jax.vmap(target.postprocess_fn))(positions), num_steps, divergent
+
+
+_blackjax_sample_jit = jax.jit(_blackjax_sample, static_argnames=("num_warmup", "num_samples"))
+
+
+def run_blackjax(bench: BenchmarkModel, kwargs: dict, seed: int, settings: dict) -> dict:
+    target_key, sample_key = jax.random.split(jax.random.key(seed))
+    start = time.perf_counter()
+    target = emdppl.Target.from_numpyro(
+        bench.model, model_kwargs=kwargs, num_chains=settings["num_chains"], rng_key=target_key
+    )
+    draws, num_steps, divergent = jax.device_get(
+        _blackjax_sample_jit(
+            sample_key, target, settings["num_warmup"], settings["num_samples"]
+        )
+    )
+    seconds = time.perf_counter() - start
+    return {
+        "seconds": seconds,
+        "draws": {k: draws[k] for k in bench.var_names},
+        "n_grad_evals": int(np.sum(num_steps)),
+        "divergences": int(np.sum(divergent)),
+    }
+
+
+def _metrics(out: dict, var_names: tuple[str, ...]) -> dict:
+    ess_bulk, ess_tail = _ess(out.pop("draws"), var_names)
+    # NumPyro retraces and recompiles inside every MCMC.run; this excludes that.
+    sampling_seconds = out["seconds"] - out["compile_seconds_in_run"]
+    return {
+        **out,
+        "seconds_excluding_compile": sampling_seconds,
+        "ess_bulk_min": ess_bulk,
+        "ess_tail_min": ess_tail,
+        "ess_bulk_per_second": ess_bulk / out["seconds"],
+        "ess_tail_per_second": ess_tail / out["seconds"],
+        "ess_bulk_per_second_excluding_compile": ess_bulk / sampling_seconds,
+        "ess_bulk_per_1000_grads": 1000.0 * ess_bulk / out["n_grad_evals"],
+    }
+
+
+_REPORTED = (
+    "seconds",
+    "seconds_excluding_compile",
+    "ess_bulk_per_second_excluding_compile",
+    "ess_bulk_min",
+    "ess_tail_min",
+    "ess_bulk_per_second",
+    "ess_tail_per_second",
+    "ess_bulk_per_1000_grads",
+    "n_grad_evals",
+    "divergences",
+    "compile_seconds_in_run",
+)
+
+
+def _watched(runner: Callable, seed: int) -> dict:
+    """Run, and add the seconds JAX spent tracing and compiling inside the run."""
+    with stopwatch() as watch:
+        out = runner(seed)
+    return {**out, "compile_seconds_in_run": watch.compile_seconds}
+
+
+def benchmark_model(name: str, settings: dict, seeds: list[int]) -> dict:
+    """Compile run, then one run per seed, of each method; medians over seeds."""
+    bench = BENCHMARK_MODELS[name]
+    kwargs = bench.load_kwargs()
+    run_numpyro = make_numpyro_runner(bench, settings)
+    runners = {
+        "emdppl": lambda seed: run_emdppl(bench, kwargs, seed, settings),
+        "numpyro": lambda seed: run_numpyro(kwargs, seed),
+        "blackjax": lambda seed: run_blackjax(bench, kwargs, seed, settings),
+    }
+    # Methods alternate within each seed, so a change of machine load hits all three alike.
+    cold = {
+        method: _watched(runner, seeds[0] + _COMPILE_SEED_OFFSET)
+        for method, runner in runners.items()
+    }
+    runs = {method: [] for method in runners}
+    for seed in seeds:
+        for method, runner in runners.items():
+            runs[method].append(_metrics(_watched(runner, seed), bench.var_names))
+    result = {}
+    for method in runners:
+        print(
+            f"{name} {method}: compile run {cold[method]['seconds']:.1f} s, timed runs "
+            + ", ".join(f"{r['seconds']:.2f}" for r in runs[method])
+            + " s",
+            file=sys.stderr,
+        )
+        summary = {k: float(np.median([r[k] for r in runs[method]])) for k in _REPORTED}
+        summary["compile_seconds"] = cold[method]["seconds"] - runs[method][0]["seconds"]
+        summary["compile_seconds_in_compile_run"] = cold[method]["compile_seconds_in_run"]
+        if method == "emdppl":
+            summary["compile_seconds_attr"] = cold[method]["compile_seconds_attr"]
+            summary["compile_seconds_attr_warm"] = runs[method][0]["compile_seconds_attr"]
+            for key in ("warmup_seconds_attr", "sampling_seconds_attr"):
+                summary[key] = float(np.median([r[key] for r in runs[method]]))
+        result[method] = {
+            "median": summary,
+            "runs": runs[method],
+            "cold_seconds": cold[method]["seconds"],
+        }
+    emd = result["emdppl"]["median"]
+    result["ratios"] = {
+        f"emdppl/{base}": {
+            key: emd[key] / result[base]["median"][key]
+            for key in (
+                "ess_bulk_per_second",
+                "ess_tail_per_second",
+                "ess_bulk_per_second_excluding_compile",
+                "ess_bulk_per_1000_grads",
+            )
+        }
+        for base in ("numpyro", "blackjax")
+    }
+    return result
+
+
+def machine() -> dict:
+    return {
+        "platform": platform.platform(),
+        "processor": platform.processor(),
+        "python": platform.python_version(),
+        "cpu_count": os.cpu_count(),
+        "jax_devices": [str(d) for d in jax.devices()],
+        "jax_backend": jax.default_backend(),
+        **versions(),
+    }
+
+
+def print_table(results: dict) -> None:
+    header = (
+        f"{'model':<14} {'method':<9} {'run s':>7} {'in-run compile s':>16} {'compile s':>9} "
+        f"{'ESS bulk':>9} {'ESS tail':>9} {'bulk/s':>8} {'tail/s':>8} {'bulk/s excl':>11} "
+        f"{'bulk/1k grad':>12} {'div':>4}"
+    )
+    print(header)
+    print("-" * len(header))
+    for name, result in results.items():
+        for method in METHODS:
+            m = result[method]["median"]
+            print(
+                f"{name:<14} {method:<9} {m['seconds']:>7.2f} "
+                f"{m['compile_seconds_in_run']:>16.2f} {m['compile_seconds']:>9.2f} "
+                f"{m['ess_bulk_min']:>9.0f} {m['ess_tail_min']:>9.0f} "
+                f"{m['ess_bulk_per_second']:>8.1f} {m['ess_tail_per_second']:>8.1f} "
+                f"{m['ess_bulk_per_second_excluding_compile']:>11.1f} "
+                f"{m['ess_bulk_per_1000_grads']:>12.2f} {m['divergences']:>4.0f}"
+            )
+        for pair, ratio in result["ratios"].items():
+            print(
+                f"{name:<14} {pair:<17} ESS bulk/s x{ratio['ess_bulk_per_second']:.2f}, "
+                f"ESS tail/s x{ratio['ess_tail_per_second']:.2f}, "
+                f"ESS bulk/s excl. compile x{ratio['ess_bulk_per_second_excluding_compile']:.2f}, "
+                f"ESS bulk/1k grad x{ratio['ess_bulk_per_1000_grads']:.2f}"
+            )
+
+
+def plot(results: dict, path: Path) -> None:
+    panels = (
+        ("ess_bulk_per_second", "min bulk ESS / s"),
+        ("ess_bulk_per_second_excluding_compile", "min bulk ESS / s, in-run compile excluded"),
+        ("ess_bulk_per_1000_grads", "min bulk ESS / 1000 gradients"),
+    )
+    names = list(results)
+    width = 0.8 / len(METHODS)
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4))
+    for ax, (key, label) in zip(axes, panels, strict=True):
+        for i, method in enumerate(METHODS):
+            values = [results[name][method]["median"][key] for name in names]
+            ax.bar(np.arange(len(names)) + (i - 1) * width, values, width, label=method)
+        ax.set_xticks(np.arange(len(names)), names)
+        ax.set_yscale("log")
+        ax.set_ylabel(label)
+    axes[0].legend()
+    fig.suptitle("NUTS, auxiliary form; median over seeds (higher is better)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", nargs="+", choices=sorted(BENCHMARK_MODELS),
+                        default=sorted(BENCHMARK_MODELS))
+    parser.add_argument("--num-chains", type=int, default=4)
+    parser.add_argument("--num-warmup", type=int, default=1000)
+    parser.add_argument("--num-samples", type=int, default=1000)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--num-seeds", type=int, default=3,
+                        help="timed runs per method (seeds seed, seed+1, ...); medians reported")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="output folder (default benchmarks/results; temporary with --smoke)")
+    parser.add_argument("--smoke", action="store_true",
+                        help="2 chains, 100 + 100, eight schools, one seed")
+    args = parser.parse_args(argv)
+    if args.smoke:
+        args.models, args.num_chains, args.num_warmup, args.num_samples = (
+            ["eight_schools"], 2, 100, 100
+        )
+        args.num_seeds = 1
+    out = args.out or (Path(tempfile.mkdtemp()) if args.smoke else RESULTS_DIR)
+    out.mkdir(parents=True, exist_ok=True)
+
+    settings = {
+        "num_chains": args.num_chains,
+        "num_warmup": args.num_warmup,
+        "num_samples": args.num_samples,
+    }
+    seeds = [args.seed + i for i in range(args.num_seeds)]
+    with warnings.catch_warnings():
+        # Divergences are counted in the table; the per-run warnings would only repeat them.
+        warnings.simplefilter("ignore", RuntimeWarning)
+        results = {name: benchmark_model(name, settings, seeds) for name in args.models}
+
+    print_table(results)
+    report = {"settings": {**settings, "seeds": seeds}, "machine": machine(), "results": results}
+    (out / "nuts_speed.json").write_text(json.dumps(report, indent=1))
+    plot(results, out / "nuts_speed.png")
+    print(f"wrote {out / 'nuts_speed.json'} and {out / 'nuts_speed.png'}")
+    return report
+
+
+if __name__ == "__main__":
+    main()
