@@ -13,12 +13,14 @@ from emdppl.mcmc import MCMC, mcmc_algorithm
 from emdppl.reparam import auxiliary, check_auxiliary
 from emdppl.run import run
 from emdppl.samplers import get_sampler, register_sampler, samplers
+from emdppl.svi import SVI
 from emdppl.target import Target
 
 __version__ = "0.1.0"
 
 __all__ = [
     "MCMC",
+    "SVI",
     "Algorithm",
     "Target",
     "auxiliary",

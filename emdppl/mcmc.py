@@ -149,7 +149,8 @@ class MCMC:
     sampler
         A name from :func:`emdppl.samplers` (``"nuts"``, ``"mala"``, ...).
     num_warmup
-        Warm-up (adaptation) steps per chain; discarded.
+        Warm-up steps per chain, discarded: adaptation for samplers that have one, plain
+        burn-in with the default parameters for the others (``ula``, ``sgld``, ``sghmc``).
     num_samples
         Kept draws per chain (after thinning).
     num_chains
@@ -221,8 +222,16 @@ class MCMC:
                 )
                 jax.block_until_ready(state)
                 bar.update()
-        else:
+        else:  # no adaptation: burn in with the default parameters, draws discarded
             state = eqx.filter_jit(algorithm.init)(position, init_key)
+            state, _ = run(
+                warmup_key,
+                algorithm,
+                self.num_warmup,
+                state,
+                progress_bar=progress_bar,
+                desc=f"{self.sampler} burn-in",
+            )
         warmup_seconds = time.perf_counter() - start
 
         start = time.perf_counter()

@@ -1,0 +1,181 @@
+"""The driver ``emdppl.run``: keys, thinning, chunking, checkpoint and resume, argument checks."""
+
+from __future__ import annotations
+
+import importlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import emdppl
+
+# ``emdppl.run`` is the function; the module is reached through ``sys.modules``.
+run_module = importlib.import_module("emdppl.run")
+
+
+def _counter_step(rng_key, state):
+    count, total = state
+    draw = jax.random.normal(rng_key)
+    return (count + 1, total + draw), {"count": count + 1, "draw": draw}
+
+
+# State: (steps taken, sum of every step's draw); info: the step's count and its N(0, 1) draw.
+COUNTER = emdppl.Algorithm(
+    init=lambda position, rng_key: (jnp.zeros((), jnp.int32), jnp.zeros(())),
+    step=_counter_step,
+)
+
+
+def _logdensity(x):
+    return -0.5 * jnp.sum(x**2 / jnp.array([1.0, 4.0]))
+
+
+def _mala_state(algorithm):
+    return algorithm.init(jnp.zeros((4, 2)), jax.random.key(1))
+
+
+def _assert_trees_equal(a, b):
+    assert jax.tree.structure(a) == jax.tree.structure(b)
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+@pytest.mark.parametrize("thinning", [1, 3])
+def test_thinning_records_every_kth_step_with_its_key(thinning):
+    num_steps = 8 * thinning
+    key = jax.random.key(7)
+    state, trace = emdppl.run(
+        key, COUNTER, num_steps, COUNTER.init(None, None), thinning=thinning, progress_bar=False
+    )
+    recorded = np.arange(thinning - 1, num_steps, thinning)  # 0-based index of step k, 2k, ...
+    np.testing.assert_array_equal(trace["count"], recorded + 1)
+    # Step i draws with fold_in(rng_key, i): the documented contract that makes resume exact.
+    draws = np.asarray(
+        jax.vmap(lambda i: jax.random.normal(jax.random.fold_in(key, i)))(jnp.arange(num_steps))
+    )
+    np.testing.assert_allclose(trace["draw"], draws[recorded], rtol=1e-6)
+    # Every step ran, recorded or not.
+    assert int(state[0]) == num_steps
+    np.testing.assert_allclose(float(state[1]), draws.sum(), rtol=1e-5)
+
+
+@pytest.mark.parametrize("num_chunks", [1, 2, 13])
+def test_chunking_does_not_change_the_result(num_chunks):
+    # 13 records: 13 chunks of 1, or chunks of 7 with a shorter last one, or a single chunk.
+    reference = emdppl.run(
+        0, COUNTER, 26, COUNTER.init(None, None), thinning=2, num_chunks=1, progress_bar=False
+    )
+    result = emdppl.run(
+        0,
+        COUNTER,
+        26,
+        COUNTER.init(None, None),
+        thinning=2,
+        num_chunks=num_chunks,
+        progress_bar=False,
+    )
+    _assert_trees_equal(result, reference)
+
+
+def test_zero_steps_returns_the_state_and_no_trace():
+    state = COUNTER.init(None, None)
+    assert emdppl.run(0, COUNTER, 0, state, progress_bar=False) == (state, None)
+
+
+@pytest.mark.parametrize(
+    "num_steps, thinning", [(10, 3), (-1, 1), (10, 0)], ids=["not-multiple", "negative", "thin0"]
+)
+def test_bad_arguments_raise(num_steps, thinning):
+    with pytest.raises(ValueError, match="multiple of thinning"):
+        emdppl.run(0, COUNTER, num_steps, COUNTER.init(None, None), thinning=thinning)
+
+
+def test_mcmc_thinning_keeps_every_kth_draw():
+    """``MCMC(thinning=k)`` keeps draws k, 2k, ... of the unthinned chain (same keys)."""
+    target = emdppl.Target.from_logdensity(_logdensity, jnp.zeros(2), num_chains=2)
+    full = emdppl.MCMC("mala", num_warmup=0, num_samples=12, num_chains=2, step_size=0.5)
+    thin = emdppl.MCMC("mala", num_warmup=0, num_samples=4, num_chains=2, thinning=3, step_size=0.5)
+    full = full.sample(0, target, progress_bar=False)
+    thin = thin.sample(0, target, progress_bar=False)
+    np.testing.assert_array_equal(thin.positions, full.positions[:, 2::3])
+    np.testing.assert_array_equal(thin.stats["lp"], full.stats["lp"][:, 2::3])
+    _assert_trees_equal(thin.state, full.state)
+
+
+class _Interrupted(Exception):
+    pass
+
+
+def test_checkpoint_resume_is_exact(tmp_path, monkeypatch):
+    algorithm = emdppl.mcmc_algorithm("mala", _logdensity, step_size=0.5)
+    num_steps, thinning, num_chunks = 60, 2, 5  # 30 records in 5 chunks of 6
+    kwargs = dict(thinning=thinning, num_chunks=num_chunks, progress_bar=False)
+    reference = emdppl.run(3, algorithm, num_steps, _mala_state(algorithm), **kwargs)
+
+    # Interrupt the run right after its second checkpoint is written.
+    save = run_module._save_checkpoint
+    saves = []
+
+    def save_then_interrupt(*args):
+        save(*args)
+        saves.append(args[3])  # records done
+        if len(saves) == 2:
+            raise _Interrupted
+
+    monkeypatch.setattr(run_module, "_save_checkpoint", save_then_interrupt)
+    with pytest.raises(_Interrupted):
+        emdppl.run(
+            3, algorithm, num_steps, _mala_state(algorithm), checkpoint_dir=tmp_path, **kwargs
+        )
+    assert saves == [6, 12]
+    assert run_module.checkpoint_exists(tmp_path)
+    monkeypatch.setattr(run_module, "_save_checkpoint", save)
+
+    # Resume from the initial state: only the three missing chunks run, the result is the
+    # uninterrupted one bit for bit.
+    chunk = run_module._chunk
+    chunks_run = []
+
+    def counting_chunk(*args):
+        chunks_run.append(args[3])  # first step index of the chunk
+        return chunk(*args)
+
+    monkeypatch.setattr(run_module, "_chunk", counting_chunk)
+    resumed = emdppl.run(
+        3, algorithm, num_steps, _mala_state(algorithm), checkpoint_dir=tmp_path, **kwargs
+    )
+    assert [int(start) for start in chunks_run] == [24, 36, 48]
+    _assert_trees_equal(resumed, reference)
+
+    # A finished checkpoint is returned as it is, without running a step.
+    chunks_run.clear()
+    again = emdppl.run(
+        3, algorithm, num_steps, _mala_state(algorithm), checkpoint_dir=tmp_path, **kwargs
+    )
+    assert chunks_run == []
+    _assert_trees_equal(again, reference)
+
+
+@pytest.mark.parametrize("num_steps, thinning", [(24, 1), (48, 2)], ids=["thinning", "length"])
+def test_mismatched_checkpoint_raises(tmp_path, num_steps, thinning):
+    emdppl.run(
+        0,
+        COUNTER,
+        24,
+        COUNTER.init(None, None),
+        thinning=2,
+        checkpoint_dir=tmp_path,
+        progress_bar=False,
+    )
+    with pytest.raises(ValueError, match="checkpoint .* belongs to a run of 24 steps"):
+        emdppl.run(
+            0,
+            COUNTER,
+            num_steps,
+            COUNTER.init(None, None),
+            thinning=thinning,
+            checkpoint_dir=tmp_path,
+            progress_bar=False,
+        )
