@@ -7,18 +7,36 @@ with ``emdppl.infer(..., auxiliary=True)``.
 
 from __future__ import annotations
 
+import json
+import zipfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import NamedTuple
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import numpyro
 import numpyro.distributions as dist
+from numpyro.distributions import biject_to, constraints
 
 from emdppl.models import EIGHT_SCHOOLS, eight_schools
 
-__all__ = ["BENCHMARK_MODELS", "BenchmarkModel", "german_credit", "load_german_credit"]
+__all__ = [
+    "BENCHMARK_MODELS",
+    "SAMPLER_MODELS",
+    "BenchmarkModel",
+    "arK",
+    "banana",
+    "brownian_motion",
+    "diamonds",
+    "german_credit",
+    "hmm_example",
+    "kilpisjarvi",
+    "load_german_credit",
+    "low_dim_gauss_mix",
+    "neals_funnel",
+]
 
 DATA_DIR = Path(__file__).resolve().parent / "data"
 
@@ -52,19 +70,316 @@ def load_german_credit(path: Path = DATA_DIR / "german.data-numeric") -> dict[st
     }
 
 
+def _flat(name: str, support: constraints.Constraint, shape: tuple[int, ...] = ()) -> jax.Array:
+    """A latent with a flat density on ``support``, as a Stan parameter without a prior.
+
+    Sampled as a standard normal pushed through ``biject_to(support)`` and its density taken
+    back out with a factor, since NumPyro's ``ImproperUniform`` cannot draw initial values.
+    """
+    base = dist.Normal(jnp.zeros(shape), 1.0).to_event(len(shape))
+    flat = dist.TransformedDistribution(base, biject_to(support))
+    value = numpyro.sample(name, flat)
+    numpyro.factor(f"{name}_flat", -flat.log_prob(value))
+    return value
+
+
+def neals_funnel() -> None:
+    r"""Neal's funnel in 10 dimensions (Inference Gym), centered.
+
+    :math:`z \sim N(0, 3)`, :math:`x_i \sim N(0, e^{z/2})` for :math:`i = 1..9`; no data.
+    """
+    z = numpyro.sample("z", dist.Normal(0.0, 3.0))
+    with numpyro.plate("i", 9):
+        numpyro.sample("x", dist.Normal(0.0, jnp.exp(z / 2)))
+
+
+def banana() -> None:
+    r"""Inference Gym's banana (curvature 0.03), centered.
+
+    :math:`x_0 \sim N(0, 10)`, :math:`x_1 \sim N(0.03 (x_0^2 - 100), 1)`; no data.
+    """
+    x0 = numpyro.sample("x0", dist.Normal(0.0, 10.0))
+    numpyro.sample("x1", dist.Normal(0.03 * (x0**2 - 100.0), 1.0))
+
+
+def brownian_motion(observed_locs: jnp.ndarray) -> None:
+    r"""Inference Gym's Brownian motion with missing middle observations, centered.
+
+    :math:`l_0 \sim N(0, 0.1)`, :math:`l_t \sim N(l_{t-1}, 0.1)`,
+    :math:`o_t \sim N(l_t, 0.15)` where ``observed_locs`` (T,) is not NaN. One site per step
+    (``loc_0``, ...), collected in the deterministic site ``locs`` (T,).
+    """
+    locs, previous = [], 0.0
+    for t in range(observed_locs.shape[0]):
+        previous = numpyro.sample(f"loc_{t}", dist.Normal(previous, 0.1))
+        locs.append(previous)
+    locs = numpyro.deterministic("locs", jnp.stack(locs))
+    is_observed = ~jnp.isnan(observed_locs)
+    with numpyro.plate("T", observed_locs.shape[0]):
+        numpyro.sample(
+            "observed_locs",
+            dist.Normal(locs, 0.15).mask(is_observed),
+            obs=jnp.where(is_observed, observed_locs, 0.0),
+        )
+
+
+def arK(lags: jnp.ndarray, y: jnp.ndarray) -> None:  # noqa: N802 (posteriordb's name)
+    r"""posteriordb ``arK``: AR(K) with :math:`\alpha, \beta_k \sim N(0, 10)`,
+    :math:`\sigma \sim \mathrm{HalfCauchy}(2.5)`, :math:`y_t \sim N(\alpha + \beta^\top
+    y_{t-1:t-K}, \sigma)`; ``lags`` (T-K, K) with ``lags[t, k] = y[t + K - k - 1]``, ``y`` (T-K,).
+    """
+    alpha = numpyro.sample("alpha", dist.Normal(0.0, 10.0))
+    with numpyro.plate("K", lags.shape[1]):
+        beta = numpyro.sample("beta", dist.Normal(0.0, 10.0))
+    sigma = numpyro.sample("sigma", dist.HalfCauchy(2.5))
+    with numpyro.plate("T", lags.shape[0]):
+        numpyro.sample("y", dist.Normal(alpha + lags @ beta, sigma), obs=y)
+
+
+def kilpisjarvi(
+    x: jnp.ndarray,
+    y: jnp.ndarray,
+    pmualpha: jnp.ndarray,
+    psalpha: jnp.ndarray,
+    pmubeta: jnp.ndarray,
+    psbeta: jnp.ndarray,
+) -> None:
+    r"""posteriordb ``kilpisjarvi``: :math:`y \sim N(\alpha + \beta x, \sigma)` on the raw years
+    ``x`` (N,) near 2000 (hence the alpha-beta correlation), flat prior on :math:`\sigma > 0`."""
+    alpha = numpyro.sample("alpha", dist.Normal(pmualpha, psalpha))
+    beta = numpyro.sample("beta", dist.Normal(pmubeta, psbeta))
+    sigma = _flat("sigma", constraints.positive)
+    with numpyro.plate("N", x.shape[0]):
+        numpyro.sample("y", dist.Normal(alpha + beta * x, sigma), obs=y)
+
+
+def low_dim_gauss_mix(y: jnp.ndarray) -> None:
+    r"""posteriordb ``low_dim_gauss_mix``: two-component normal mixture, ordered means.
+
+    :math:`\mu` ordered with :math:`N(0, 2)` densities,
+    :math:`\sigma_k \sim \mathrm{HalfNormal}(2)`,
+    :math:`\theta \sim \mathrm{Beta}(5, 5)`, the labels summed out; ``y`` (N,).
+    """
+    mu = _flat("mu", constraints.ordered_vector, (2,))
+    numpyro.factor("mu_prior", dist.Normal(0.0, 2.0).log_prob(mu).sum())
+    with numpyro.plate("components", 2):
+        sigma = numpyro.sample("sigma", dist.HalfNormal(2.0))
+    theta = numpyro.sample("theta", dist.Beta(5.0, 5.0))
+    log_weights = jnp.stack([jnp.log(theta), jnp.log1p(-theta)])
+    log_lik = dist.Normal(mu, sigma).log_prob(y[:, None]) + log_weights
+    numpyro.factor("y", jax.nn.logsumexp(log_lik, axis=-1).sum())
+
+
+def hmm_example(y: jnp.ndarray) -> None:
+    r"""posteriordb ``hmm_example``: two-state HMM, unit-variance normal emissions.
+
+    Transition rows ``theta1``, ``theta2`` uniform on the simplex, ``mu`` positive ordered with
+    :math:`N(3, 1)` and :math:`N(10, 1)` densities; the states summed out by the forward
+    algorithm (``lax.scan``); ``y`` (N,).
+    """
+    theta1 = numpyro.sample("theta1", dist.Dirichlet(jnp.ones(2)))
+    theta2 = numpyro.sample("theta2", dist.Dirichlet(jnp.ones(2)))
+    mu = _flat("mu", constraints.positive_ordered_vector, (2,))
+    numpyro.factor("mu_prior", dist.Normal(jnp.array([3.0, 10.0]), 1.0).log_prob(mu).sum())
+    log_transition = jnp.log(jnp.stack([theta1, theta2]))  # [from, to]
+    log_emission = dist.Normal(mu, 1.0).log_prob(y[:, None])  # (N, K)
+
+    def forward(gamma, log_emission_t):
+        gamma = jax.nn.logsumexp(gamma[:, None] + log_transition, axis=0) + log_emission_t
+        return gamma, None
+
+    gamma, _ = jax.lax.scan(forward, log_emission[0], log_emission[1:])
+    numpyro.factor("y", jax.nn.logsumexp(gamma))
+
+
+def diamonds(Xc: jnp.ndarray, Y: jnp.ndarray) -> None:  # noqa: N803 (brms's names)
+    r"""posteriordb ``diamonds`` (brms): :math:`Y \sim N(\mathrm{Intercept} + X_c b, \sigma)`.
+
+    :math:`b \sim N(0, 1)`, :math:`\mathrm{Intercept} \sim t_3(8, 10)`, :math:`\sigma \sim
+    t_3^+(0, 10)`; ``Xc`` (N, K-1) the column-centered design without its intercept, ``Y`` (N,).
+    """
+    with numpyro.plate("K", Xc.shape[1]):
+        b = numpyro.sample("b", dist.Normal(0.0, 1.0))
+    intercept = numpyro.sample("Intercept", dist.StudentT(3.0, 8.0, 10.0))
+    sigma = _flat("sigma", constraints.positive)
+    numpyro.factor("sigma_prior", dist.StudentT(3.0, 0.0, 10.0).log_prob(sigma) + jnp.log(2.0))
+    with numpyro.plate("N", Xc.shape[0]):
+        numpyro.sample("Y", dist.Normal(intercept + Xc @ b, sigma), obs=Y)
+
+
+def _posteriordb_data(name: str) -> dict:
+    with zipfile.ZipFile(DATA_DIR / "posteriordb" / "data" / f"{name}.json.zip") as archive:
+        return json.loads(archive.read(archive.namelist()[0]))
+
+
+def _arK_data() -> dict[str, np.ndarray]:  # noqa: N802
+    data = _posteriordb_data("arK")
+    y, num_lags = np.asarray(data["y"]), data["K"]
+    lags = np.stack([y[num_lags - k - 1 : len(y) - k - 1] for k in range(num_lags)], axis=1)
+    return {"lags": lags.astype(np.float32), "y": y[num_lags:].astype(np.float32)}
+
+
+def _kilpisjarvi_data() -> dict[str, np.ndarray]:
+    data = _posteriordb_data("kilpisjarvi_mod")
+    keys = ("x", "y", "pmualpha", "psalpha", "pmubeta", "psbeta")
+    return {k: np.asarray(data[k], np.float32) for k in keys}
+
+
+def _gauss_mix_data() -> dict[str, np.ndarray]:
+    return {"y": np.asarray(_posteriordb_data("low_dim_gauss_mix")["y"], np.float32)}
+
+
+def _hmm_data() -> dict[str, np.ndarray]:
+    return {"y": np.asarray(_posteriordb_data("hmm_example")["y"], np.float32)}
+
+
+def _diamonds_data() -> dict[str, np.ndarray]:
+    data = _posteriordb_data("diamonds")
+    x = np.asarray(data["X"])[:, 1:]
+    return {"Xc": (x - x.mean(0)).astype(np.float32), "Y": np.asarray(data["Y"], np.float32)}
+
+
+def _gym_json(name: str) -> dict:
+    return json.loads((DATA_DIR / "inference_gym" / f"{name}.json").read_text())
+
+
+def _brownian_data() -> dict[str, np.ndarray]:
+    observed = _gym_json("brownian_motion_missing_middle_observations")["data"]["observed_locs"]
+    return {"observed_locs": np.array([np.nan if o is None else o for o in observed], np.float32)}
+
+
+def _no_data() -> dict:
+    return {}
+
+
+Reference = dict[str, dict[str, np.ndarray]]
+"""``{site: {"mean", "sd", "mcse"}}``, arrays of the site's shape (``mcse`` 0 when exact)."""
+
+
+def _posteriordb_reference(posterior: str) -> Reference:
+    """Means (with MCSE) and sds from posteriordb's summary statistics of its reference draws."""
+    folder = DATA_DIR / "posteriordb"
+    means = json.loads((folder / "mean_value" / f"{posterior}.json").read_text())
+    squares = json.loads((folder / "mean_squared_value" / f"{posterior}.json").read_text())
+    sites: dict[str, dict[str, list]] = {}
+    for i, name in enumerate(means["names"]):
+        mean = means["mean_value"][i]
+        entry = sites.setdefault(name.split("[")[0], {"mean": [], "sd": [], "mcse": []})
+        entry["mean"].append(mean)
+        entry["sd"].append(np.sqrt(squares["mean_squared_value"][i] - mean**2))
+        entry["mcse"].append(means["mcse_mean"][i])
+    vectors = {name.split("[")[0] for name in means["names"] if "[" in name}
+    return {
+        site: {k: np.asarray(v if site in vectors else v[0]) for k, v in entry.items()}
+        for site, entry in sites.items()
+    }
+
+
+def _gym_reference(name: str, sites: tuple[tuple[str, int | None], ...], exact: bool) -> Reference:
+    """Split Inference Gym's flat ground truth into ``sites`` ((name, length or None), in order);
+    ``exact``: the analytic / Kalman values (MCSE 0), else Stan's estimates with their MCSE."""
+    gym = _gym_json(name)
+    mean = np.asarray(gym.get("exact_mean", gym["flat_mean"]))
+    sd = np.asarray(gym.get("exact_standard_deviation", gym["flat_standard_deviation"]))
+    mcse = np.zeros_like(mean) if exact else np.asarray(gym["flat_mean_standard_error"])
+    out, start = {}, 0
+    for site, length in sites:
+        stop = start + (length or 1)
+        pick = slice(start, stop) if length else start
+        out[site] = {"mean": mean[pick], "sd": sd[pick], "mcse": mcse[pick]}
+        start = stop
+    return out
+
+
 def _eight_schools_data() -> dict[str, np.ndarray]:
     return {k: v.astype(np.float32) for k, v in EIGHT_SCHOOLS.items()}
 
 
 class BenchmarkModel(NamedTuple):
-    """A model, a loader of its keyword arguments, and the sites whose ESS is compared."""
+    """A model, a loader of its keyword arguments, the sites compared, and their reference.
+
+    ``reference()`` returns the gold-standard posterior moments of ``var_names`` (see
+    :data:`Reference`); ``has_centered_form``: the model has a latent whose prior scale is another
+    latent (a hierarchy or a funnel), so its centered and auxiliary forms differ in geometry.
+    """
 
     model: Callable
     load_kwargs: Callable[[], dict]
     var_names: tuple[str, ...]
+    reference: Callable[[], Reference] | None = None
+    has_centered_form: bool = False
 
 
 BENCHMARK_MODELS: dict[str, BenchmarkModel] = {
-    "eight_schools": BenchmarkModel(eight_schools, _eight_schools_data, ("mu", "tau", "theta")),
-    "german_credit": BenchmarkModel(german_credit, load_german_credit, ("weights",)),
+    "eight_schools": BenchmarkModel(
+        eight_schools,
+        _eight_schools_data,
+        ("mu", "tau", "theta"),
+        lambda: _posteriordb_reference("eight_schools-eight_schools_noncentered"),
+        has_centered_form=True,
+    ),
+    "german_credit": BenchmarkModel(
+        german_credit,
+        load_german_credit,
+        ("weights",),
+        lambda: _gym_reference(
+            "german_credit_numeric_logistic_regression", (("weights", 25),), exact=False
+        ),
+    ),
 }
+"""The models of ``nuts_speed.py``."""
+
+SAMPLER_MODELS: dict[str, BenchmarkModel] = {
+    **BENCHMARK_MODELS,
+    "neals_funnel": BenchmarkModel(
+        neals_funnel,
+        _no_data,
+        ("z", "x"),
+        lambda: _gym_reference("neals_funnel", (("z", None), ("x", 9)), exact=True),
+        has_centered_form=True,
+    ),
+    "banana": BenchmarkModel(
+        banana,
+        _no_data,
+        ("x0", "x1"),
+        lambda: _gym_reference("banana", (("x0", None), ("x1", None)), exact=True),
+        has_centered_form=True,
+    ),
+    "brownian_motion": BenchmarkModel(
+        brownian_motion,
+        _brownian_data,
+        ("locs",),
+        lambda: _gym_reference(
+            "brownian_motion_missing_middle_observations", (("locs", 30),), exact=True
+        ),
+        has_centered_form=True,
+    ),
+    "kilpisjarvi": BenchmarkModel(
+        kilpisjarvi,
+        _kilpisjarvi_data,
+        ("alpha", "beta", "sigma"),
+        lambda: _posteriordb_reference("kilpisjarvi_mod-kilpisjarvi"),
+    ),
+    "arK": BenchmarkModel(
+        arK, _arK_data, ("alpha", "beta", "sigma"), lambda: _posteriordb_reference("arK-arK")
+    ),
+    "low_dim_gauss_mix": BenchmarkModel(
+        low_dim_gauss_mix,
+        _gauss_mix_data,
+        ("mu", "sigma", "theta"),
+        lambda: _posteriordb_reference("low_dim_gauss_mix-low_dim_gauss_mix"),
+    ),
+    "hmm_example": BenchmarkModel(
+        hmm_example,
+        _hmm_data,
+        ("theta1", "theta2", "mu"),
+        lambda: _posteriordb_reference("hmm_example-hmm_example"),
+    ),
+    "diamonds": BenchmarkModel(
+        diamonds,
+        _diamonds_data,
+        ("b", "Intercept", "sigma"),
+        lambda: _posteriordb_reference("diamonds-diamonds"),
+    ),
+}
+"""The models of ``samplers.py``, each with its reference posterior."""

@@ -14,48 +14,35 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import sys
 import tempfile
 import time
 import warnings
-from collections.abc import Callable
 from pathlib import Path
 
-import arviz as az
 import blackjax
 import jax
 import matplotlib
 import numpy as np
-from numpyro.infer import MCMC as NumPyroMCMC
-from numpyro.infer import NUTS
 
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import emdppl  # noqa: E402
+from benchmarks.common import (  # noqa: E402
+    RESULTS_DIR,
+    machine,
+    make_numpyro_runner,
+    min_ess,
+    watched,
+)
 from benchmarks.models import BENCHMARK_MODELS, BenchmarkModel  # noqa: E402
-from emdppl.inference_data import versions  # noqa: E402
-from emdppl.timing import stopwatch  # noqa: E402
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 METHODS = ("emdppl", "numpyro", "blackjax")
-RESULTS_DIR = Path(__file__).resolve().parent / "results"
 _COMPILE_SEED_OFFSET = 10_000
-
-
-def _ess(draws: dict[str, np.ndarray], var_names: tuple[str, ...]) -> tuple[float, float]:
-    """Smallest bulk and tail ESS over every scalar component of ``var_names``."""
-    dataset = az.convert_to_dataset({k: np.asarray(draws[k]) for k in var_names})
-    bulk = az.ess(dataset, method="bulk")
-    tail = az.ess(dataset, method="tail")
-    return (
-        float(min(bulk[k].values.min() for k in var_names)),
-        float(min(tail[k].values.min() for k in var_names)),
-    )
 
 
 def run_emdppl(bench: BenchmarkModel, kwargs: dict, seed: int, settings: dict) -> dict:
@@ -77,33 +64,6 @@ def run_emdppl(bench: BenchmarkModel, kwargs: dict, seed: int, settings: dict) -
         "warmup_seconds_attr": float(attrs["warmup_seconds"]),
         "sampling_seconds_attr": float(attrs["sampling_seconds"]),
     }
-
-
-def make_numpyro_runner(bench: BenchmarkModel, settings: dict) -> Callable:
-    """One NumPyro MCMC object per model, so its compiled sampler is reused across seeds."""
-    mcmc = NumPyroMCMC(
-        NUTS(emdppl.auxiliary(bench.model), target_accept_prob=0.8, max_tree_depth=10),
-        num_warmup=settings["num_warmup"],
-        num_samples=settings["num_samples"],
-        num_chains=settings["num_chains"],
-        chain_method="vectorized",
-        progress_bar=False,
-    )
-
-    def run_numpyro(kwargs: dict, seed: int) -> dict:
-        start = time.perf_counter()
-        mcmc.run(jax.random.key(seed), extra_fields=("num_steps", "diverging"), **kwargs)
-        samples = jax.device_get(mcmc.get_samples(group_by_chain=True))
-        extra = jax.device_get(mcmc.get_extra_fields(group_by_chain=True))
-        seconds = time.perf_counter() - start
-        return {
-            "seconds": seconds,
-            "draws": {k: samples[k] for k in bench.var_names},
-            "n_grad_evals": int(np.sum(extra["num_steps"])),
-            "divergences": int(np.sum(extra["diverging"])),
-        }
-
-    return run_numpyro
 
 
 def _blackjax_sample(
@@ -169,7 +129,7 @@ def run_blackjax(bench: BenchmarkModel, kwargs: dict, seed: int, settings: dict)
 
 
 def _metrics(out: dict, var_names: tuple[str, ...]) -> dict:
-    ess_bulk, ess_tail = _ess(out.pop("draws"), var_names)
+    ess_bulk, ess_tail = min_ess(out.pop("draws"), var_names)
     # NumPyro retraces and recompiles inside every MCMC.run; this excludes that.
     sampling_seconds = out["seconds"] - out["compile_seconds_in_run"]
     return {
@@ -199,13 +159,6 @@ _REPORTED = (
 )
 
 
-def _watched(runner: Callable, seed: int) -> dict:
-    """Run, and add the seconds JAX spent tracing and compiling inside the run."""
-    with stopwatch() as watch:
-        out = runner(seed)
-    return {**out, "compile_seconds_in_run": watch.compile_seconds}
-
-
 def benchmark_model(name: str, settings: dict, seeds: list[int]) -> dict:
     """Compile run, then one run per seed, of each method; medians over seeds."""
     bench = BENCHMARK_MODELS[name]
@@ -218,13 +171,13 @@ def benchmark_model(name: str, settings: dict, seeds: list[int]) -> dict:
     }
     # Methods alternate within each seed, so a change of machine load hits all three alike.
     cold = {
-        method: _watched(runner, seeds[0] + _COMPILE_SEED_OFFSET)
+        method: watched(runner, seeds[0] + _COMPILE_SEED_OFFSET)
         for method, runner in runners.items()
     }
     runs = {method: [] for method in runners}
     for seed in seeds:
         for method, runner in runners.items():
-            runs[method].append(_metrics(_watched(runner, seed), bench.var_names))
+            runs[method].append(_metrics(watched(runner, seed), bench.var_names))
     result = {}
     for method in runners:
         print(
@@ -260,18 +213,6 @@ def benchmark_model(name: str, settings: dict, seeds: list[int]) -> dict:
         for base in ("numpyro", "blackjax")
     }
     return result
-
-
-def machine() -> dict:
-    return {
-        "platform": platform.platform(),
-        "processor": platform.processor(),
-        "python": platform.python_version(),
-        "cpu_count": os.cpu_count(),
-        "jax_devices": [str(d) for d in jax.devices()],
-        "jax_backend": jax.default_backend(),
-        **versions(),
-    }
 
 
 def print_table(results: dict) -> None:

@@ -67,7 +67,7 @@ from emdppl.base import Algorithm, PRNGKey, PyTree, as_key
 from emdppl.inference_data import to_arviz
 from emdppl.reparam import auxiliary as make_auxiliary
 from emdppl.run import run
-from emdppl.target import _bind_arguments
+from emdppl.target import check_model_arguments
 from emdppl.timing import stopwatch
 
 __all__ = [
@@ -530,7 +530,7 @@ class SVI:
         model_args = tuple(model_args)
         if not callable(model):
             raise TypeError(f"model must be a NumPyro model (a callable), got {type(model)}.")
-        _bind_arguments(model, model_args, model_kwargs)
+        check_model_arguments(model, model_args, model_kwargs)
         fitted_model = make_auxiliary(model) if auxiliary else model
         guide = GUIDES[self.guide](fitted_model) if isinstance(self.guide, str) else self.guide
         init_key, check_key, run_key = jax.random.split(as_key(rng_key), 3)

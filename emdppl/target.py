@@ -137,7 +137,7 @@ def _site_log_probs(
     }
 
 
-def _bind_arguments(model: Callable, model_args: tuple, model_kwargs: dict) -> None:
+def check_model_arguments(model: Callable, model_args: tuple, model_kwargs: dict) -> None:
     """Check the arguments against the model's signature before anything is traced."""
     try:
         signature = inspect.signature(model)
@@ -231,7 +231,7 @@ class Target(eqx.Module):
             )
         if num_chains < 1:
             raise ValueError(f"num_chains must be >= 1, got {num_chains}.")
-        _bind_arguments(model, tuple(model_args), model_kwargs)
+        check_model_arguments(model, tuple(model_args), model_kwargs)
         log_density = NumPyroLogDensity(model, auxiliary, tuple(model_args), model_kwargs)
         postprocess = NumPyroPostprocess(model, auxiliary, tuple(model_args), model_kwargs)
         keys = jax.random.split(as_key(rng_key), num_chains)
