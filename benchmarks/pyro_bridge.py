@@ -1,0 +1,212 @@
+"""The torch bridge on eight schools: per-call cost and NUTS ESS per second.
+
+1. Per call, value and gradient of the auxiliary log density: the Pyro model through
+   ``emdppl.pyro.target_from_pyro`` (torch on the host, one ``pure_callback`` round trip) against
+   the NumPyro twin (``emdppl.Target.from_numpyro``, native JAX), for 1 and 4 chains (vmapped).
+2. NUTS (target acceptance 0.95, same warm-up and draws, auxiliary form): emdppl on the Pyro
+   target (the bridge), emdppl on the NumPyro twin, and Pyro's own ``pyro.infer.NUTS`` on the same
+   auxiliary Pyro model, its chains run one after another. ESS is the minimum bulk ESS over
+   ``mu``, ``tau`` and ``theta``; seconds are wall-clock of the whole run (compilation included).
+
+    python benchmarks/pyro_bridge.py            # 1 chain, 500 + 1000
+    python benchmarks/pyro_bridge.py --smoke    # 1 chain, 50 + 50, fewer timing calls
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import arviz as az
+import jax
+import matplotlib
+import numpy as np
+import torch
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import pyro  # noqa: E402
+import pyro.distributions as dist  # noqa: E402
+
+import emdppl  # noqa: E402
+from emdppl import pyro as epyro  # noqa: E402
+from emdppl.models import EIGHT_SCHOOLS, eight_schools  # noqa: E402
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+VAR_NAMES = ("mu", "tau", "theta")
+
+
+def pyro_eight_schools(sigma, y=None):
+    """The Pyro twin of ``emdppl.models.eight_schools``."""
+    mu = pyro.sample("mu", dist.Normal(0.0, 5.0))
+    tau = pyro.sample("tau", dist.HalfCauchy(5.0))
+    with pyro.plate("J", len(sigma)):
+        theta = pyro.sample("theta", dist.Normal(mu, tau))
+        pyro.sample("y", dist.Normal(theta, sigma), obs=y)
+
+
+def microseconds_per_call(target: emdppl.Target, num_chains: int, num_calls: int) -> float:
+    """Median over 5 repeats of the mean time of one jitted (vmapped) value-and-gradient."""
+    position = jax.tree.map(lambda x: x[:num_chains], target.initial_position)
+    fn = jax.jit(jax.vmap(jax.value_and_grad(target.logdensity_fn)))
+    jax.block_until_ready(fn(position))
+    repeats = []
+    for _ in range(5):
+        start = time.perf_counter()
+        for _ in range(num_calls):
+            jax.block_until_ready(fn(position))
+        repeats.append((time.perf_counter() - start) / num_calls * 1e6)
+    return float(np.median(repeats))
+
+
+def min_ess(posterior: dict) -> float:
+    """Minimum bulk ESS over ``VAR_NAMES``; arrays ``(chain, draw, ...)``."""
+    idata = az.from_dict(posterior={k: np.asarray(posterior[k]) for k in VAR_NAMES})
+    ess = az.ess(idata, method="bulk")
+    return float(min(float(ess[k].min()) for k in VAR_NAMES))
+
+
+def run_emdppl(target: emdppl.Target, settings: dict, seed: int) -> dict:
+    start = time.perf_counter()
+    result = emdppl.MCMC("nuts", target_accept=0.95, **settings).sample(
+        seed, target, progress_bar=False
+    )
+    draws = target.postprocess(result.positions)
+    seconds = time.perf_counter() - start
+    return {"seconds": seconds, "ess": min_ess(draws),
+            "grad_evals": int(np.sum(result.stats["n_grad_evals"]))}
+
+
+def run_pyro_nuts(settings: dict, num_chains: int, seed: int) -> dict:
+    """Pyro's NUTS on the same auxiliary model (emdppl's reparam strategy), chains in turn."""
+    from pyro.infer import MCMC, NUTS
+
+    data = {k: torch.as_tensor(v) for k, v in EIGHT_SCHOOLS.items()}
+    model = epyro._auxiliary(pyro_eight_schools)
+    draws = {k: [] for k in VAR_NAMES}
+    start = time.perf_counter()
+    for chain in range(num_chains):
+        pyro.set_rng_seed(seed + chain)
+        mcmc = MCMC(
+            NUTS(model, target_accept_prob=0.95),
+            num_samples=settings["num_samples"],
+            warmup_steps=settings["num_warmup"],
+            num_chains=1,
+            disable_progbar=True,
+        )
+        mcmc.run(**data)
+        trace_draws = _pyro_sites(model, mcmc.get_samples(), data)
+        for k in VAR_NAMES:
+            draws[k].append(trace_draws[k])
+    seconds = time.perf_counter() - start
+    return {"seconds": seconds, "ess": min_ess({k: np.stack(v) for k, v in draws.items()})}
+
+
+def _pyro_sites(model, samples: dict, data: dict) -> dict:
+    """Constrained ``mu``, ``tau``, ``theta`` of each draw (deterministic in auxiliary form)."""
+    from pyro import poutine
+
+    num = next(iter(samples.values())).shape[0]
+    out = {k: [] for k in VAR_NAMES}
+    for i in range(num):
+        values = {k: v[i] for k, v in samples.items()}
+        trace = poutine.trace(poutine.condition(model, values)).get_trace(**data)
+        for k in VAR_NAMES:
+            out[k].append(trace.nodes[k]["value"].detach().numpy())
+    return {k: np.stack(v) for k, v in out.items()}
+
+
+def print_table(results: dict) -> None:
+    print("\nper call, value + gradient (microseconds)")
+    print(f"{'chains':>7} {'bridge (Pyro)':>14} {'native (NumPyro)':>17} {'ratio':>7}")
+    for chains, row in results["per_call_us"].items():
+        ratio = row["bridge"] / row["native"]
+        print(f"{chains:>7} {row['bridge']:>14.1f} {row['native']:>17.1f} {ratio:>7.1f}")
+    print("\nNUTS on eight schools (auxiliary form)")
+    print(f"{'method':<26} {'seconds':>9} {'min ESS':>9} {'ESS/s':>9}")
+    for name, row in results["nuts"].items():
+        print(f"{name:<26} {row['seconds']:>9.1f} {row['ess']:>9.0f} {row['ess_per_s']:>9.2f}")
+
+
+def plot(results: dict, path: Path) -> None:
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
+    chains = list(results["per_call_us"])
+    for offset, key in ((-0.2, "bridge"), (0.2, "native")):
+        axes[0].bar(np.arange(len(chains)) + offset, [results["per_call_us"][c][key]
+                    for c in chains], 0.4, label=key)
+    axes[0].set(xticks=range(len(chains)), xticklabels=[f"{c} chain(s)" for c in chains],
+                ylabel="microseconds per value+grad", yscale="log")
+    axes[0].legend()
+    names = list(results["nuts"])
+    axes[1].barh(names, [results["nuts"][n]["ess_per_s"] for n in names])
+    axes[1].set(xlabel="min bulk ESS per second", xscale="log")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--num-chains", type=int, default=1)
+    parser.add_argument("--num-warmup", type=int, default=500)
+    parser.add_argument("--num-samples", type=int, default=1000)
+    parser.add_argument("--num-calls", type=int, default=200)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", type=Path, default=RESULTS_DIR)
+    parser.add_argument("--smoke", action="store_true", help="50 + 50 draws, 10 timing calls")
+    args = parser.parse_args(argv)
+    if args.smoke:
+        args.num_warmup, args.num_samples, args.num_calls = 50, 50, 10
+    torch.set_num_threads(1)
+    settings = {"num_warmup": args.num_warmup, "num_samples": args.num_samples}
+
+    pyro_target = epyro.target_from_pyro(pyro_eight_schools, model_kwargs=EIGHT_SCHOOLS)
+    native_target = emdppl.Target.from_numpyro(eight_schools, model_kwargs=EIGHT_SCHOOLS)
+    per_call = {
+        chains: {
+            "bridge": microseconds_per_call(pyro_target, chains, args.num_calls),
+            "native": microseconds_per_call(native_target, chains, args.num_calls),
+        }
+        for chains in (1, 4)
+    }
+
+    def chains_of(target):
+        return target.with_initial_position(
+            jax.tree.map(lambda x: x[: args.num_chains], target.initial_position)
+        )
+
+    nuts = {
+        "emdppl NUTS, Pyro bridge": run_emdppl(chains_of(pyro_target), settings, args.seed),
+        "emdppl NUTS, NumPyro": run_emdppl(chains_of(native_target), settings, args.seed),
+        "Pyro NUTS": run_pyro_nuts(settings, args.num_chains, args.seed),
+    }
+    for row in nuts.values():
+        row["ess_per_s"] = row["ess"] / row["seconds"]
+    results = {
+        "settings": {**settings, "num_chains": args.num_chains, "num_calls": args.num_calls,
+                     "smoke": args.smoke, "batching": pyro_target.logdensity_fn.host.batching},
+        "machine": {"platform": platform.platform(), "python": platform.python_version(),
+                    "jax": jax.__version__, "torch": torch.__version__,
+                    "pyro": pyro.__version__, "cpu_count": os.cpu_count()},
+        "per_call_us": per_call,
+        "nuts": nuts,
+    }
+    print_table(results)
+    args.out.mkdir(parents=True, exist_ok=True)
+    stem = "pyro_bridge_smoke" if args.smoke else "pyro_bridge"
+    (args.out / f"{stem}.json").write_text(json.dumps(results, indent=2))
+    plot(results, args.out / f"{stem}.png")
+    return results
+
+
+if __name__ == "__main__":
+    main()
