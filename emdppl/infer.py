@@ -5,7 +5,9 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from emdppl.base import PRNGKey
+import jax
+
+from emdppl.base import PRNGKey, as_key
 from emdppl.mcmc import MCMC
 from emdppl.target import Target
 
@@ -21,13 +23,16 @@ def infer(
     rng_key: int | PRNGKey = 0,
     auxiliary: bool = True,
     progress_bar: bool = True,
+    backend: str | None = None,
 ) -> Any:
     """Infer the posterior of ``model`` with ``algorithm`` and return ``arviz.InferenceData``.
 
     Parameters
     ----------
     model
-        A NumPyro model (written centered or not), or a :class:`~emdppl.Target`.
+        A NumPyro model (written centered or not), a Pyro model (recognised by
+        :func:`emdppl.pyro.is_pyro_model`: its code refers to ``pyro``; needs
+        ``pip install 'emdppl[pyro]'``), or a :class:`~emdppl.Target`.
     algorithm
         A sampler name (shorthand for ``emdppl.MCMC(name)``), an :class:`~emdppl.MCMC`, or any
         algorithm object with an ``infer(model, *, model_args, model_kwargs, rng_key, auxiliary,
@@ -41,6 +46,10 @@ def infer(
         Run on :func:`emdppl.auxiliary` (non-centered) form of the model.
     progress_bar
         Show tqdm progress bars.
+    backend
+        ``"numpyro"`` or ``"pyro"`` to say what ``model`` is; ``None`` recognises it. A Pyro
+        model is put in auxiliary form by Pyro's own reparam handlers and its log density reaches
+        the JAX samplers through :mod:`emdppl.bridge` (MCMC only).
 
     Returns
     -------
@@ -67,6 +76,10 @@ def infer(
         raise TypeError(f"model_kwargs must be a dict, got {type(model_kwargs).__name__}.")
     if not isinstance(model_args, tuple):
         raise TypeError(f"model_args must be a tuple, got {type(model_args).__name__}.")
+    if backend not in (None, "numpyro", "pyro"):
+        raise ValueError(f"backend must be None, 'numpyro' or 'pyro', got {backend!r}.")
+    if backend == "pyro" or (backend is None and _is_pyro(model)):
+        model = _pyro_target(model, algorithm, model_args, model_kwargs, rng_key, auxiliary)
     return algorithm.infer(
         model,
         model_args=model_args,
@@ -74,4 +87,36 @@ def infer(
         rng_key=rng_key,
         auxiliary=auxiliary,
         progress_bar=progress_bar,
+    )
+
+
+def _is_pyro(model: Any) -> bool:
+    from emdppl.pyro import is_pyro_model
+
+    return not isinstance(model, Target) and is_pyro_model(model)
+
+
+def _pyro_target(
+    model: Callable,
+    algorithm: Any,
+    model_args: tuple,
+    model_kwargs: dict | None,
+    rng_key: int | PRNGKey,
+    auxiliary: bool,
+) -> Target:
+    """The bridged target of a Pyro model, for the MCMC algorithms."""
+    from emdppl.pyro import target_from_pyro
+
+    if not isinstance(algorithm, MCMC):
+        raise NotImplementedError(
+            f"{type(algorithm).__name__} does not run Pyro models yet; sample them with "
+            "emdppl.MCMC (any registered sampler), or write the model in NumPyro."
+        )
+    return target_from_pyro(
+        model,
+        model_args=model_args,
+        model_kwargs=model_kwargs,
+        num_chains=algorithm.num_chains,
+        rng_key=jax.random.fold_in(as_key(rng_key), 1),
+        auxiliary=auxiliary,
     )

@@ -1,0 +1,180 @@
+"""Pyro models through the bridge: recognised without importing pyro, put in the same auxiliary
+form as NumPyro models (same report), the same log density and gradient as the NumPyro twin
+(centered and auxiliary), posteriors against posteriordb, samplers of the registry, clear
+errors."""
+
+import functools
+import os
+import warnings
+
+import arviz as az
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import reference_z
+
+torch = pytest.importorskip("torch")
+pyro = pytest.importorskip("pyro")
+import pyro.distributions as dist  # noqa: E402
+
+import emdppl  # noqa: E402
+from emdppl import pyro as epyro  # noqa: E402
+from emdppl.models import EIGHT_SCHOOLS, eight_schools  # noqa: E402
+
+DATA = dict(sigma=EIGHT_SCHOOLS["sigma"], y=EIGHT_SCHOOLS["y"])
+
+
+def pyro_eight_schools(sigma, y=None):
+    """The Pyro twin of emdppl.models.eight_schools."""
+    mu = pyro.sample("mu", dist.Normal(0.0, 5.0))
+    tau = pyro.sample("tau", dist.HalfCauchy(5.0))
+    with pyro.plate("J", len(sigma)):
+        theta = pyro.sample("theta", dist.Normal(mu, tau))
+        pyro.sample("y", dist.Normal(theta, sigma), obs=y)
+
+
+def _calls_pyro_indirectly(sigma, y=None):
+    return pyro_eight_schools(sigma, y)
+
+
+@pytest.fixture(scope="module")
+def auxiliary_target():
+    return epyro.target_from_pyro(pyro_eight_schools, model_kwargs=DATA, num_chains=4)
+
+
+def test_is_pyro_model():
+    assert epyro.is_pyro_model(pyro_eight_schools)
+    assert epyro.is_pyro_model(_calls_pyro_indirectly)
+    assert epyro.is_pyro_model(functools.partial(pyro_eight_schools, DATA["sigma"]))
+    assert epyro.is_pyro_model(pyro.poutine.scale(pyro_eight_schools, 2.0))
+    assert not epyro.is_pyro_model(eight_schools)
+    assert not epyro.is_pyro_model(lambda x: x + 1)
+    assert not epyro.is_pyro_model("pyro")
+
+
+def test_report_matches_numpyro():
+    assert epyro.check_auxiliary_pyro(pyro_eight_schools, model_kwargs=DATA) == (
+        emdppl.check_auxiliary(eight_schools, model_kwargs=DATA)
+    )
+
+    def mixed():
+        pyro.sample("a", dist.LogNormal(0.0, 1.0))
+        pyro.sample("b", dist.Beta(2.0, 2.0))
+        pyro.sample("c", dist.Bernoulli(0.3))
+        pyro.sample("d", dist.MultivariateNormal(torch.zeros(2), torch.eye(2)))
+
+    report = epyro.check_auxiliary_pyro(mixed)
+    assert {k: v["status"] for k, v in report.items()} == {
+        "a": "auxiliary", "b": "centered", "c": "discrete", "d": "auxiliary",
+    }
+    with pytest.raises(ValueError, match=r"(?s)2 latent site\(s\).*b \(Beta, centered\)"):
+        epyro.check_auxiliary_pyro(mixed, strict=True)
+
+
+@pytest.mark.parametrize("auxiliary", [True, False])
+def test_logdensity_and_gradient_match_numpyro(auxiliary):
+    pyro_target = epyro.target_from_pyro(
+        pyro_eight_schools, model_kwargs=DATA, num_chains=2, auxiliary=auxiliary
+    )
+    numpyro_target = emdppl.Target.from_numpyro(
+        eight_schools, model_kwargs=DATA, num_chains=2, auxiliary=auxiliary
+    )
+    shapes = jax.tree.map(jnp.shape, numpyro_target.initial_position)
+    assert jax.tree.map(jnp.shape, pyro_target.initial_position) == shapes
+    keys = jax.random.split(jax.random.key(0), len(shapes))
+    points = {
+        k: 1.5 * jax.random.normal(key, (32, *s[1:]))
+        for key, (k, s) in zip(keys, sorted(shapes.items()), strict=True)
+    }
+    value_and_grad = lambda t: jax.jit(jax.vmap(jax.value_and_grad(t.logdensity_fn)))(points)
+    pyro_values, pyro_grads = value_and_grad(pyro_target)
+    values, grads = value_and_grad(numpyro_target)
+    np.testing.assert_allclose(pyro_values, values, rtol=2e-6, atol=1e-4)
+    for name in grads:
+        np.testing.assert_allclose(pyro_grads[name], grads[name], rtol=1e-5, atol=1e-4)
+    post = jax.vmap(pyro_target.postprocess_fn)(points)
+    expected = jax.vmap(numpyro_target.postprocess_fn)(points)
+    assert sorted(post) == sorted(expected)
+    for name in expected:
+        np.testing.assert_allclose(post[name], expected[name], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.skipif(
+    not os.environ.get("EMDPPL_SLOW_TESTS"),
+    reason="~18k Pyro model runs on the host (minutes on 2 cores); EMDPPL_SLOW_TESTS=1 runs it",
+)
+def test_nuts_posterior_matches_reference(auxiliary_target, eight_schools_reference):
+    # One chain: every leapfrog step is a Pyro model run on the host, and vmapped NUTS chains
+    # move in lock-step with the longest trajectory.
+    target = auxiliary_target.with_initial_position(
+        jax.tree.map(lambda x: x[:1], auxiliary_target.initial_position)
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # no divergence allowed
+        idata = emdppl.infer(
+            target,
+            emdppl.MCMC("nuts", target_accept=0.95, num_warmup=500, num_samples=1000),
+            rng_key=1,
+            progress_bar=False,
+        )
+    post = idata.posterior
+    assert post["theta"].shape == (1, 1000, 8) and float(post["tau"].min()) > 0
+    np.testing.assert_allclose(
+        post["theta"], post["mu"] + post["tau"] * post["theta_decentered"], rtol=1e-4, atol=1e-4
+    )
+    zs = reference_z(idata, eight_schools_reference, az)
+    assert max(abs(z) for z in zs.values()) < 4.0, zs
+
+
+@pytest.mark.parametrize(
+    "sampler,options", [("mala", dict(step_size=0.3)), ("ula", dict(step_size=0.05)),
+                        ("hmc", dict(num_integration_steps=5))]
+)
+def test_gradient_samplers_run(auxiliary_target, sampler, options):
+    mcmc = emdppl.MCMC(sampler, num_warmup=0, num_samples=30, **options)
+    result = mcmc.sample(0, auxiliary_target, progress_bar=False)
+    draws = auxiliary_target.postprocess(result.positions)
+    assert draws["theta"].shape == (4, 30, 8)
+    assert all(bool(np.all(np.isfinite(v))) for v in draws.values())
+    moved = np.abs(result.positions["theta_decentered"][:, -1] - result.positions[
+        "theta_decentered"][:, 0])
+    assert float(moved.max()) > 0
+
+
+def test_discrete_latent_is_a_clear_error():
+    def model(y):
+        z = pyro.sample("z", dist.Bernoulli(0.5))
+        pyro.sample("y", dist.Normal(z, 1.0), obs=y)
+
+    with pytest.raises(ValueError, match=r"discrete latent site\(s\) \['z'\].*Marginalise"):
+        epyro.target_from_pyro(model, model_args=(torch.tensor(0.3),))
+
+
+def test_bad_arguments_are_clear_errors():
+    with pytest.raises(ValueError, match=r"model_args\[0\] on cpu, model_kwargs\['y'\] on meta"):
+        epyro.target_from_pyro(
+            pyro_eight_schools,
+            model_args=(torch.as_tensor(DATA["sigma"]),),
+            model_kwargs={"y": torch.zeros(8, device="meta")},
+        )
+    with pytest.raises(ValueError, match="unknown model_kwargs"):
+        epyro.target_from_pyro(pyro_eight_schools, model_kwargs=dict(DATA, J=8))
+    with pytest.raises(ValueError, match="no latent sample sites"):
+        epyro.target_from_pyro(lambda: pyro.sample("x", dist.Normal(0, 1), obs=torch.ones(())))
+
+
+def test_infer_recognises_a_pyro_model():
+    mcmc = emdppl.MCMC("ula", num_warmup=20, num_samples=20, num_chains=2, step_size=0.05)
+    idata = emdppl.infer(pyro_eight_schools, mcmc, model_kwargs=DATA, progress_bar=False)
+    numpyro_twin = emdppl.infer(eight_schools, mcmc, model_kwargs=DATA, progress_bar=False)
+    assert set(idata.posterior.data_vars) == set(numpyro_twin.posterior.data_vars)
+    assert idata.posterior["theta"].shape == (2, 20, 8)
+    explicit = emdppl.infer(
+        _calls_pyro_indirectly, mcmc, model_kwargs=DATA, backend="pyro", progress_bar=False
+    )
+    assert explicit.posterior["tau"].shape == (2, 20)
+    with pytest.raises(NotImplementedError, match="emdppl.MCMC"):
+        emdppl.infer(pyro_eight_schools, emdppl.SVI(num_steps=10), model_kwargs=DATA)
+    with pytest.raises(ValueError, match="backend must be"):
+        emdppl.infer(pyro_eight_schools, mcmc, model_kwargs=DATA, backend="stan")
