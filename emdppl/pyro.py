@@ -37,6 +37,7 @@ from jax.flatten_util import ravel_pytree
 
 from emdppl.base import PRNGKey, as_key
 from emdppl.bridge import INSTALL_HINT, TorchLogDensity, check_devices, torch_logdensity
+from emdppl.reparam import site_report
 from emdppl.target import Target, check_model_arguments
 
 __all__ = ["check_auxiliary_pyro", "is_pyro_model", "target_from_pyro"]
@@ -354,32 +355,7 @@ def check_auxiliary_pyro(
     _require_pyro()
     model_args, model_kwargs = _to_torch_args(tuple(model_args), dict(model_kwargs or {}))
     trace = _trace(model, model_args, model_kwargs, 0)
-    report: dict[str, dict[str, str]] = {}
-    for name, site in _latents(trace).items():
-        family = type(_unwrap(site["fn"])).__name__
-        if _is_discrete(site["fn"]):
-            report[name] = {
-                "status": "discrete",
-                "distribution": family,
-                "detail": "discrete latent: gradient-based samplers cannot move it; marginalise it "
-                "out in the model (e.g. a mixture log-sum-exp) or make it observed",
-            }
-            continue
-        reparam, reason = _choose(site)
-        report[name] = {
-            "status": "auxiliary" if reparam is not None else "centered",
-            "distribution": family,
-            "detail": reason,
-        }
-    if strict:
-        bad = {k: v for k, v in report.items() if v["status"] != "auxiliary"}
-        if bad:
-            lines = "\n".join(
-                f"  - {k} ({v['distribution']}, {v['status']}): {v['detail']}"
-                for k, v in bad.items()
-            )
-            raise ValueError(f"{len(bad)} latent site(s) are not in auxiliary form:\n{lines}")
-    return report
+    return site_report(_latents(trace), _unwrap, _is_discrete, _choose, strict=strict)
 
 
 # ------------------------------------------------------------------------------------------

@@ -27,7 +27,7 @@ import numpyro.distributions as dist
 from numpyro import handlers
 from numpyro.infer.reparam import LocScaleReparam, Reparam, TransformReparam
 
-__all__ = ["auxiliary", "auxiliary_strategy", "check_auxiliary"]
+__all__ = ["auxiliary", "auxiliary_strategy", "check_auxiliary", "site_report"]
 
 _DECENTERED = "_decentered"
 _LOC_SCALE: dict[type, tuple[str, ...]] = {
@@ -179,31 +179,43 @@ def check_auxiliary(
     trace = handlers.trace(handlers.seed(model, as_key(rng_key))).get_trace(
         *model_args, **model_kwargs
     )
+    latents = {
+        name: site
+        for name, site in trace.items()
+        if site["type"] == "sample" and not site["is_observed"]
+    }
+    return site_report(latents, _unwrap, lambda fn: fn.is_discrete, _choose, strict=strict)
+
+
+def site_report(
+    latents: dict[str, dict],
+    unwrap: Callable[[Any], Any],
+    is_discrete: Callable[[Any], bool],
+    choose: Callable[[dict], tuple[Any, str]],
+    *,
+    strict: bool,
+) -> dict[str, dict[str, str]]:
+    """The per-site report of :func:`check_auxiliary`, for NumPyro and Pyro traces alike.
+
+    ``latents`` maps site names to trace sites; ``unwrap``, ``is_discrete`` and ``choose`` are
+    the backend's own helpers (distribution unwrapping, discreteness, reparam choice).
+    """
     report: dict[str, dict[str, str]] = {}
-    for name, site in trace.items():
-        if site["type"] != "sample" or site["is_observed"]:
-            continue
-        family = type(_unwrap(site["fn"])).__name__
-        if site["fn"].is_discrete:
-            report[name] = {
-                "status": "discrete",
-                "distribution": family,
-                "detail": "discrete latent: gradient-based samplers cannot move it; marginalise it "
-                "out in the model (e.g. a mixture log-sum-exp) or make it observed",
-            }
-            continue
-        reparam, reason = _choose(site)
-        report[name] = {
-            "status": "auxiliary" if reparam is not None else "centered",
-            "distribution": family,
-            "detail": reason,
-        }
-    if strict:
-        bad = {k: v for k, v in report.items() if v["status"] != "auxiliary"}
-        if bad:
-            lines = "\n".join(
-                f"  - {k} ({v['distribution']}, {v['status']}): {v['detail']}"
-                for k, v in bad.items()
+    for name, site in latents.items():
+        family = type(unwrap(site["fn"])).__name__
+        if is_discrete(site["fn"]):
+            status, detail = "discrete", (
+                "discrete latent: gradient-based samplers cannot move it; marginalise it out in "
+                "the model (e.g. a mixture log-sum-exp) or make it observed"
             )
-            raise ValueError(f"{len(bad)} latent site(s) are not in auxiliary form:\n{lines}")
+        else:
+            reparam, detail = choose(site)
+            status = "auxiliary" if reparam is not None else "centered"
+        report[name] = {"status": status, "distribution": family, "detail": detail}
+    bad = {k: v for k, v in report.items() if v["status"] != "auxiliary"}
+    if strict and bad:
+        lines = "\n".join(
+            f"  - {k} ({v['distribution']}, {v['status']}): {v['detail']}" for k, v in bad.items()
+        )
+        raise ValueError(f"{len(bad)} latent site(s) are not in auxiliary form:\n{lines}")
     return report
