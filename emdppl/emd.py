@@ -77,7 +77,7 @@ __all__ = [
 METHODS = ("emd", "diff_instruct")
 NOISE_CANCELLATIONS = ("full", "initial", "none")
 WEIGHTINGS = ("sigma2", "sigma")
-GENERATORS = ("sinh_arcsinh", "affine", "mlp")
+GENERATORS = ("sinh_arcsinh", "maf", "affine", "mlp")
 
 
 class DistillState(NamedTuple):
@@ -913,6 +913,7 @@ def emd_infer(
     d = teacher.data_dim
     generator = {
         "sinh_arcsinh": lambda: generators_module.sinh_arcsinh(d),
+        "maf": lambda: generators_module.maf(d, key=jax.random.fold_in(k_distill, 1)),
         "affine": lambda: generators_module.affine(d),
         "mlp": lambda: generators_module.mlp(d, key=jax.random.fold_in(k_distill, 1)),
     }[config.generator]()

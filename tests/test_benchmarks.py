@@ -90,3 +90,66 @@ def test_samplers_smoke_rows(smoke_reports):
         assert row["flag"] in ("ok", "biased", "unconverged")
         assert (row["step_size"] is not None) == (row["sampler"] == "ula")
     assert {c["sampler"] for c in report["aux_vs_centered"]} == {"mala", "ula"}
+
+
+# inference.py and distillation.py: their own subprocess pair (each smoke run is ~55 s of CPU,
+# almost all compilation; on a loaded 2-core machine the wall time can reach 3 minutes).
+EMD_SCRIPTS = {"inference": ("rows",), "distillation": ("rows",)}
+
+
+@pytest.fixture(scope="module")
+def emd_smoke_reports(tmp_path_factory):
+    out = tmp_path_factory.mktemp("emd_benchmarks")
+    processes = {
+        name: subprocess.Popen(
+            [sys.executable, "-m", f"benchmarks.{name}", "--smoke", "--out", str(out / name)],
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for name in EMD_SCRIPTS
+    }
+    logs = {name: process.communicate(timeout=600)[0] for name, process in processes.items()}
+    return {
+        name: (processes[name].returncode, logs[name], out / name / f"{name}.json")
+        for name in EMD_SCRIPTS
+    }
+
+
+@pytest.mark.parametrize("name", sorted(EMD_SCRIPTS))
+def test_emd_smoke_writes_finite_json(emd_smoke_reports, name):
+    returncode, log, path = emd_smoke_reports[name]
+    assert returncode == 0, log[-3000:]
+    assert path.exists() and path.with_suffix(".png").exists()
+    report = json.loads(path.read_text())
+    for key in ("settings", "machine", *EMD_SCRIPTS[name]):
+        assert key in report, f"{name}.json lacks {key!r}"
+    numbers = list(_numbers({k: report[k] for k in EMD_SCRIPTS[name]}))
+    assert numbers
+    assert all(math.isfinite(x) for x in numbers), f"{name}.json has non-finite numbers"
+
+
+def test_inference_smoke_rows(emd_smoke_reports):
+    report = json.loads(emd_smoke_reports["inference"][2].read_text())
+    assert {(r["model"], r["method"]) for r in report["rows"]} == {
+        ("banana", m) for m in ("mcmc", "svi", "emd")
+    }
+    for row in report["rows"]:
+        for key in ("wall_seconds", "max_abs_z", "max_std_error", "sd_ratio_min",
+                    "sd_ratio_max", "extra_10k_seconds", "extra_10k_effective_seconds",
+                    "extra_vs_emd"):
+            assert math.isfinite(row[key]) and row[key] >= 0, (row["method"], key)
+
+
+def test_distillation_smoke_rows(emd_smoke_reports):
+    report = json.loads(emd_smoke_reports["distillation"][2].read_text())
+    methods = [r["method"] for r in report["rows"]]
+    assert methods == ["reference", "heun_nfe1", "heun_nfe3", "diff_instruct", "emd"]
+    for row in report["rows"]:
+        for key in ("energy_distance", "min_mass_ratio", "off_mode_fraction", "tv_mode_masses"):
+            assert math.isfinite(row[key]), (row["method"], key)
+        if row["method"] in ("diff_instruct", "emd"):
+            assert row["nfe"] == 1
+            for key in ("seconds_per_10k_samples", "train_seconds_per_1000_steps"):
+                assert math.isfinite(row[key]) and row[key] > 0, (row["method"], key)

@@ -268,8 +268,9 @@ def test_estep_idata_and_diff_instruct_argument_check():
     strict=False,
     reason="measured (400 steps, seed 0): means within 0.14 sd (pass) but sds 1.17-1.42x the "
     "reference (fail); an exact-marginal Gaussian-copula fit in auxiliary space already gives "
-    "up to 1.19x, so the default sinh-arcsinh generator cannot meet the 25% bar; it needs a "
-    "generator that models the tau/theta dependence",
+    "up to 1.19x, so the default sinh-arcsinh generator cannot meet the 25% bar. Also measured "
+    "(400 steps, seed 0): generator='maf' (tau-dependent scales) sds 0.93-1.37x; sinh-arcsinh "
+    "with learning_rate=0.05 0.90-1.35x; sigma_max=0.2 diverges (NaN) for both generators",
 )
 def test_distilled_eight_schools_matches_posteriordb():
     """emdppl.EMD via emd_infer: means within 0.25 posterior sd, sds within 25%."""

@@ -160,3 +160,21 @@ def test_sinh_arcsinh_generator_density_and_smoothed_score():
         generator.marginal_score(jnp.array([0.5]), 1e-3), jax.grad(generator.log_prob)(
             jnp.array([0.5])), rtol=1e-3,
     )
+
+
+def test_maf_generator_is_triangular_with_exact_density():
+    """MAF generator: identity MADE at init, then log_prob == change of variables of g."""
+    generator = generators.maf(3, key=jax.random.key(0), width=8)
+    z = jax.random.normal(jax.random.key(1), (3,))
+    np.testing.assert_allclose(generator(z), generator.base(z), rtol=1e-6)
+    generator = eqx.tree_at(
+        lambda g: (g.w_out, g.b_out), generator,
+        (0.3 * jax.random.normal(jax.random.key(2), (6, 8)), jnp.full(6, 0.1)),
+    )
+    x = generator(z)
+    jac = jax.jacfwd(generator)(z)
+    np.testing.assert_array_equal(jnp.triu(jac, 1), 0.0)  # x_j depends on z_{<=j} only
+    expected = jax.scipy.stats.norm.logpdf(z).sum() - jnp.linalg.slogdet(jac)[1]
+    np.testing.assert_allclose(generator.log_prob(x), expected, rtol=1e-4)
+    theta, static = generators.partition(generator)
+    assert not any(leaf.dtype == jnp.int32 for leaf in jax.tree.leaves(theta))  # masks are fixed
