@@ -31,9 +31,8 @@ def _numbers(value):
         yield value
 
 
-@pytest.fixture(scope="module")
-def smoke_reports(tmp_path_factory):
-    out = tmp_path_factory.mktemp("benchmarks")
+def _run_smoke(out: pathlib.Path, scripts: dict) -> dict:
+    """Start every script with ``--smoke`` at once; ``{name: (returncode, log, json path)}``."""
     processes = {
         name: subprocess.Popen(
             [sys.executable, "-m", f"benchmarks.{name}", "--smoke", "--out", str(out / name)],
@@ -42,26 +41,35 @@ def smoke_reports(tmp_path_factory):
             stderr=subprocess.STDOUT,
             text=True,
         )
-        for name in SCRIPTS
+        for name in scripts
     }
     logs = {name: process.communicate(timeout=600)[0] for name, process in processes.items()}
     return {
         name: (processes[name].returncode, logs[name], out / name / f"{name}.json")
-        for name in SCRIPTS
+        for name in scripts
     }
+
+
+def _check_report(reports: dict, name: str, keys: tuple) -> None:
+    returncode, log, path = reports[name]
+    assert returncode == 0, log[-3000:]
+    assert path.exists() and path.with_suffix(".png").exists()
+    report = json.loads(path.read_text())
+    for key in ("settings", "machine", *keys):
+        assert key in report, f"{name}.json lacks {key!r}"
+    numbers = list(_numbers({k: report[k] for k in keys}))
+    assert numbers
+    assert all(math.isfinite(x) for x in numbers), f"{name}.json has non-finite numbers"
+
+
+@pytest.fixture(scope="module")
+def smoke_reports(tmp_path_factory):
+    return _run_smoke(tmp_path_factory.mktemp("benchmarks"), SCRIPTS)
 
 
 @pytest.mark.parametrize("name", sorted(SCRIPTS))
 def test_smoke_writes_finite_json(smoke_reports, name):
-    returncode, log, path = smoke_reports[name]
-    assert returncode == 0, log[-3000:]
-    assert path.exists() and path.with_suffix(".png").exists()
-    report = json.loads(path.read_text())
-    for key in ("settings", "machine", *SCRIPTS[name]):
-        assert key in report, f"{name}.json lacks {key!r}"
-    numbers = list(_numbers({k: report[k] for k in SCRIPTS[name]}))
-    assert numbers
-    assert all(math.isfinite(x) for x in numbers), f"{name}.json has non-finite numbers"
+    _check_report(smoke_reports, name, SCRIPTS[name])
 
 
 def test_samplers_smoke_rows(smoke_reports):
@@ -99,35 +107,12 @@ EMD_SCRIPTS = {"inference": ("rows",), "distillation": ("rows",)}
 
 @pytest.fixture(scope="module")
 def emd_smoke_reports(tmp_path_factory):
-    out = tmp_path_factory.mktemp("emd_benchmarks")
-    processes = {
-        name: subprocess.Popen(
-            [sys.executable, "-m", f"benchmarks.{name}", "--smoke", "--out", str(out / name)],
-            cwd=ROOT,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        for name in EMD_SCRIPTS
-    }
-    logs = {name: process.communicate(timeout=600)[0] for name, process in processes.items()}
-    return {
-        name: (processes[name].returncode, logs[name], out / name / f"{name}.json")
-        for name in EMD_SCRIPTS
-    }
+    return _run_smoke(tmp_path_factory.mktemp("emd_benchmarks"), EMD_SCRIPTS)
 
 
 @pytest.mark.parametrize("name", sorted(EMD_SCRIPTS))
 def test_emd_smoke_writes_finite_json(emd_smoke_reports, name):
-    returncode, log, path = emd_smoke_reports[name]
-    assert returncode == 0, log[-3000:]
-    assert path.exists() and path.with_suffix(".png").exists()
-    report = json.loads(path.read_text())
-    for key in ("settings", "machine", *EMD_SCRIPTS[name]):
-        assert key in report, f"{name}.json lacks {key!r}"
-    numbers = list(_numbers({k: report[k] for k in EMD_SCRIPTS[name]}))
-    assert numbers
-    assert all(math.isfinite(x) for x in numbers), f"{name}.json has non-finite numbers"
+    _check_report(emd_smoke_reports, name, EMD_SCRIPTS[name])
 
 
 def test_inference_smoke_rows(emd_smoke_reports):
