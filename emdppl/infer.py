@@ -9,6 +9,7 @@ import jax
 
 from emdppl.base import PRNGKey, as_key
 from emdppl.mcmc import MCMC
+from emdppl.svi import SVI
 from emdppl.target import Target
 
 __all__ = ["infer"]
@@ -49,7 +50,8 @@ def infer(
     backend
         ``"numpyro"`` or ``"pyro"`` to say what ``model`` is; ``None`` recognises it. A Pyro
         model is put in auxiliary form by Pyro's own reparam handlers and its log density reaches
-        the JAX samplers through :mod:`emdppl.bridge` (MCMC only).
+        the JAX samplers through :mod:`emdppl.bridge`; ``emdppl.SVI`` on a Pyro model runs
+        Pyro's own SVI (:func:`emdppl.pyro.pyro_svi_infer`).
 
     Returns
     -------
@@ -79,6 +81,18 @@ def infer(
     if backend not in (None, "numpyro", "pyro"):
         raise ValueError(f"backend must be None, 'numpyro' or 'pyro', got {backend!r}.")
     if backend == "pyro" or (backend is None and _is_pyro(model)):
+        if isinstance(algorithm, SVI):  # Pyro's own SVI, torch optimiser
+            from emdppl.pyro import pyro_svi_infer
+
+            return pyro_svi_infer(
+                model,
+                algorithm,
+                model_args=model_args,
+                model_kwargs=model_kwargs,
+                rng_key=rng_key,
+                auxiliary=auxiliary,
+                progress_bar=progress_bar,
+            )
         model = _pyro_target(model, algorithm, model_args, model_kwargs, rng_key, auxiliary)
     return algorithm.infer(
         model,
@@ -104,13 +118,13 @@ def _pyro_target(
     rng_key: int | PRNGKey,
     auxiliary: bool,
 ) -> Target:
-    """The bridged target of a Pyro model, for the MCMC algorithms."""
+    """The bridged target of a Pyro model, for the MCMC algorithms (EMD does not take one yet)."""
     from emdppl.pyro import target_from_pyro
 
     if not isinstance(algorithm, MCMC):
         raise NotImplementedError(
-            f"{type(algorithm).__name__} does not run Pyro models yet; sample them with "
-            "emdppl.MCMC (any registered sampler), or write the model in NumPyro."
+            f"{type(algorithm).__name__} does not run Pyro models yet; use emdppl.MCMC (any "
+            "registered sampler) or emdppl.SVI, or write the model in NumPyro."
         )
     return target_from_pyro(
         model,
