@@ -4,7 +4,6 @@ form as NumPyro models (same report), the same log density and gradient as the N
 errors."""
 
 import functools
-import os
 import warnings
 
 import arviz as az
@@ -103,13 +102,9 @@ def test_logdensity_and_gradient_match_numpyro(auxiliary):
         np.testing.assert_allclose(post[name], expected[name], rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.skipif(
-    not os.environ.get("EMDPPL_SLOW_TESTS"),
-    reason="~18k Pyro model runs on the host (minutes on 2 cores); EMDPPL_SLOW_TESTS=1 runs it",
-)
 def test_nuts_posterior_matches_reference(auxiliary_target, eight_schools_reference):
-    # One chain: every leapfrog step is a Pyro model run on the host, and vmapped NUTS chains
-    # move in lock-step with the longest trajectory.
+    # One chain: every leapfrog step is a Pyro model run on the host (~18k runs, about a minute
+    # on 2 cores), and vmapped NUTS chains move in lock-step with the longest trajectory.
     target = auxiliary_target.with_initial_position(
         jax.tree.map(lambda x: x[:1], auxiliary_target.initial_position)
     )
