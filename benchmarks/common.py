@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import sys
@@ -90,3 +91,10 @@ def machine() -> dict:
         "jax_backend": jax.default_backend(),
         **versions(),
     }
+
+
+def save_report(out: Path, name: str, report: dict, plot: Callable, plot_data: object) -> None:
+    """Write ``out/name.json`` and ``out/name.png`` (``plot(plot_data, path)``) and say so."""
+    (out / f"{name}.json").write_text(json.dumps(report, indent=1))
+    plot(plot_data, out / f"{name}.png")
+    print(f"wrote {out / f'{name}.json'} and {out / f'{name}.png'}")

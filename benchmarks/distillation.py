@@ -14,7 +14,6 @@ checkerboard (numpy data; scored against held-out data), and an exact 10-D Gauss
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 import time
@@ -31,7 +30,7 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import emdppl  # noqa: E402
-from benchmarks.common import RESULTS_DIR, machine  # noqa: E402
+from benchmarks.common import RESULTS_DIR, machine, save_report  # noqa: E402
 from emdppl import demo, teachers  # noqa: E402
 from emdppl.demo import _time_per_10k, energy_distance, mode_metrics  # noqa: E402
 from emdppl.timing import stopwatch  # noqa: E402
@@ -287,9 +286,7 @@ def main(argv: list[str] | None = None) -> dict:
         "total_seconds": time.perf_counter() - start,
         "rows": rows,
     }
-    (out / "distillation.json").write_text(json.dumps(report, indent=1))
-    plot(panels, out / "distillation.png")
-    print(f"wrote {out / 'distillation.json'} and {out / 'distillation.png'}")
+    save_report(out, "distillation", report, plot, panels)
     return report
 
 

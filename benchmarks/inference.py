@@ -14,7 +14,6 @@ Every method is one cold ``emdppl.infer`` call on the auxiliary form of the mode
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 import time
@@ -30,7 +29,7 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import emdppl  # noqa: E402
-from benchmarks.common import RESULTS_DIR, machine  # noqa: E402
+from benchmarks.common import RESULTS_DIR, machine, save_report  # noqa: E402
 from benchmarks.models import SAMPLER_MODELS, Reference  # noqa: E402
 from benchmarks.samplers import score  # noqa: E402
 from emdppl.target import Target  # noqa: E402
@@ -237,9 +236,7 @@ def main(argv: list[str] | None = None) -> dict:
         "total_seconds": time.perf_counter() - start,
         "rows": rows,
     }
-    (out / "inference.json").write_text(json.dumps(report, indent=1))
-    plot(rows, out / "inference.png")
-    print(f"wrote {out / 'inference.json'} and {out / 'inference.png'}")
+    save_report(out, "inference", report, plot, rows)
     return report
 
 

@@ -13,7 +13,6 @@ three alternating within a seed); the reported numbers are medians over seeds. S
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 import time
@@ -34,6 +33,7 @@ from benchmarks.common import (  # noqa: E402
     machine,
     make_numpyro_runner,
     min_ess,
+    save_report,
     watched,
 )
 from benchmarks.models import BENCHMARK_MODELS, BenchmarkModel  # noqa: E402
@@ -302,9 +302,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     print_table(results)
     report = {"settings": {**settings, "seeds": seeds}, "machine": machine(), "results": results}
-    (out / "nuts_speed.json").write_text(json.dumps(report, indent=1))
-    plot(results, out / "nuts_speed.png")
-    print(f"wrote {out / 'nuts_speed.json'} and {out / 'nuts_speed.png'}")
+    save_report(out, "nuts_speed", report, plot, results)
     return report
 
 

@@ -27,7 +27,13 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import emdppl  # noqa: E402
-from benchmarks.common import RESULTS_DIR, machine, make_numpyro_runner, watched  # noqa: E402
+from benchmarks.common import (  # noqa: E402
+    RESULTS_DIR,
+    machine,
+    make_numpyro_runner,
+    save_report,
+    watched,
+)
 from benchmarks.models import SAMPLER_MODELS, BenchmarkModel, Reference  # noqa: E402
 from emdppl.samplers import get_sampler  # noqa: E402
 
@@ -405,9 +411,7 @@ def main(argv: list[str] | None = None) -> dict:
         "rows": rows,
         "aux_vs_centered": comparisons,
     }
-    (out / "samplers.json").write_text(json.dumps(report, indent=1))
-    plot(rows, out / "samplers.png")
-    print(f"wrote {out / 'samplers.json'} and {out / 'samplers.png'}")
+    save_report(out, "samplers", report, plot, rows)
     return report
 
 

@@ -71,7 +71,6 @@ __all__ = [
     "EStepResult",
     "build_distiller",
     "distill",
-    "emd_infer",
 ]
 
 METHODS = ("emd", "diff_instruct")
@@ -752,7 +751,11 @@ def distill(
     if student_warmup_steps and not checkpoint_exists(checkpoint_dir):
         warmup = Algorithm(init=lambda position, rng_key: None, step=distiller.warmup_step)
         state, _ = run(
-            k_warmup, warmup, student_warmup_steps, state, progress_bar=progress_bar,
+            k_warmup,
+            warmup,
+            student_warmup_steps,
+            state,
+            progress_bar=progress_bar,
             desc="student warm-up",
         )
     algorithm = Algorithm(init=lambda position, rng_key: state, step=distiller.step)
@@ -783,11 +786,20 @@ def distill(
             jnp.linspace(jnp.log(distiller.sigma_min), jnp.log(distiller.sigma_max), 3)
         )
         trajectory, acceptance = _probe(
-            distiller, k_probe, state.theta, state.psi, probe_sigmas, num_probe_chains,
+            distiller,
+            k_probe,
+            state.theta,
+            state.psi,
+            probe_sigmas,
+            num_probe_chains,
             num_probe_draws,
         )
         estep_idata = _estep_idata(
-            trajectory, acceptance, probe_sigmas, method, estep_sampler,
+            trajectory,
+            acceptance,
+            probe_sigmas,
+            method,
+            estep_sampler,
             distiller.num_estep_steps,
         )
     generator = eqx.combine(state.theta, distiller.generator_static)
@@ -869,87 +881,63 @@ class EMD:
         auxiliary: bool = True,
         progress_bar: bool = True,
     ) -> Any:
-        """Distil the posterior of ``model``, then sample it: see :func:`emdppl.infer`."""
-        return emd_infer(
+        """Distil a NumPyro model's posterior into a one-step generator and sample it.
+
+        Returns an ``arviz.InferenceData`` with the posterior's model sites (constrained) under
+        dims ``(chain, draw, ...)`` like MCMC, and the E-step chains as group ``estep_posterior``.
+        """
+        from emdppl.inference_data import to_arviz
+        from emdppl.target import Target
+        from emdppl.teachers import density_teacher
+
+        k_target, k_distill, k_sample = jax.random.split(as_key(rng_key), 3)
+        target = Target.from_numpyro(
             model,
-            self,
             model_args=model_args,
             model_kwargs=model_kwargs,
-            rng_key=rng_key,
+            num_chains=1,
+            rng_key=k_target,
             auxiliary=auxiliary,
+        )
+        teacher = density_teacher(target, sigma_max=self.sigma_max)
+        d = teacher.data_dim
+        generator = {
+            "sinh_arcsinh": lambda: generators_module.sinh_arcsinh(d),
+            "maf": lambda: generators_module.maf(d, key=jax.random.fold_in(k_distill, 1)),
+            "affine": lambda: generators_module.affine(d),
+            "mlp": lambda: generators_module.mlp(d, key=jax.random.fold_in(k_distill, 1)),
+        }[self.generator]()
+        schedule_fn = optax.cosine_decay_schedule(self.learning_rate, self.num_steps, alpha=0.01)
+        result = distill(
+            teacher,
+            generator,
+            num_steps=self.num_steps,
+            batch_size=self.batch_size,
+            estep_sampler=self.estep_sampler,
+            num_estep_steps=self.num_estep_steps,
+            estep_step_size=self.estep_step_size,
+            z_step_scale=self.z_step_scale,
+            max_z_step=self.max_z_step,
+            optimizer=optax.adam(schedule_fn),
+            rng_key=k_distill,
             progress_bar=progress_bar,
         )
-
-
-def emd_infer(
-    model: Callable,
-    config: EMD,
-    *,
-    model_args: tuple = (),
-    model_kwargs: dict | None = None,
-    rng_key: int | PRNGKey = 0,
-    auxiliary: bool = True,
-    progress_bar: bool = True,
-) -> Any:
-    """Distil a NumPyro model's posterior into a one-step generator and sample it.
-
-    Returns an ``arviz.InferenceData`` with the posterior's model sites (constrained) under
-    dims ``(chain, draw, ...)`` like MCMC, and the E-step chains as group ``estep_posterior``.
-    """
-    from emdppl.inference_data import to_arviz
-    from emdppl.target import Target
-    from emdppl.teachers import density_teacher
-
-    k_target, k_distill, k_sample = jax.random.split(as_key(rng_key), 3)
-    target = Target.from_numpyro(
-        model,
-        model_args=model_args,
-        model_kwargs=model_kwargs,
-        num_chains=1,
-        rng_key=k_target,
-        auxiliary=auxiliary,
-    )
-    teacher = density_teacher(target, sigma_max=config.sigma_max)
-    d = teacher.data_dim
-    generator = {
-        "sinh_arcsinh": lambda: generators_module.sinh_arcsinh(d),
-        "maf": lambda: generators_module.maf(d, key=jax.random.fold_in(k_distill, 1)),
-        "affine": lambda: generators_module.affine(d),
-        "mlp": lambda: generators_module.mlp(d, key=jax.random.fold_in(k_distill, 1)),
-    }[config.generator]()
-    schedule_fn = optax.cosine_decay_schedule(config.learning_rate, config.num_steps, alpha=0.01)
-    result = distill(
-        teacher,
-        generator,
-        num_steps=config.num_steps,
-        batch_size=config.batch_size,
-        estep_sampler=config.estep_sampler,
-        num_estep_steps=config.num_estep_steps,
-        estep_step_size=config.estep_step_size,
-        z_step_scale=config.z_step_scale,
-        max_z_step=config.max_z_step,
-        optimizer=optax.adam(schedule_fn),
-        rng_key=k_distill,
-        progress_bar=progress_bar,
-    )
-    flat = result.sample(k_sample, config.num_samples)
-    _, unravel = ravel_pytree(jax.tree.map(lambda x: x[0], target.initial_position))
-    positions = jax.vmap(unravel)(flat)
-    positions = jax.tree.map(
-        lambda x: x.reshape(config.num_chains, -1, *x.shape[1:]), positions
-    )
-    posterior = {k: np.asarray(v) for k, v in target.postprocess(positions).items()}
-    estep = result.estep_idata.posterior
-    attrs = {
-        "inference": "emd",
-        "num_steps": config.num_steps,
-        "estep_sampler": config.estep_sampler,
-        "num_estep_steps": config.num_estep_steps,
-        "num_skipped_steps": int(result.state.num_skipped),
-    }
-    return to_arviz(
-        posterior,
-        None,
-        attrs,
-        estep_posterior={name: np.asarray(estep[name].values) for name in estep.data_vars},
-    )
+        flat = result.sample(k_sample, self.num_samples)
+        _, unravel = ravel_pytree(jax.tree.map(lambda x: x[0], target.initial_position))
+        positions = jax.vmap(unravel)(flat)
+        positions = jax.tree.map(lambda x: x.reshape(self.num_chains, -1, *x.shape[1:]), positions)
+        posterior = {k: np.asarray(v) for k, v in target.postprocess(positions).items()}
+        estep = result.estep_idata.posterior
+        attrs = {
+            "inference": "emd",
+            "num_steps": self.num_steps,
+            "estep_sampler": self.estep_sampler,
+            "num_estep_steps": self.num_estep_steps,
+            "num_skipped_steps": int(result.state.num_skipped),
+        }
+        return to_arviz(
+            posterior,
+            None,
+            attrs,
+            estep_posterior={name: np.asarray(estep[name].values) for name in estep.data_vars},
+        )

@@ -12,6 +12,7 @@ import numpy as np
 import optax
 import pytest
 
+import emdppl
 from emdppl import emd, generators, teachers
 
 RUN = importlib.import_module("emdppl.run")  # the module; emdppl.run is also the function
@@ -53,7 +54,11 @@ def test_diff_instruct_identity_exact_for_same_draws():
     generator = generators.mlp(2, 3, key=jax.random.key(0), width=32, depth=2)
     gamma = 0.13
     distiller, state = emd.build_distiller(
-        teacher, generator, method="diff_instruct", estep_step_size=gamma, batch_size=64,
+        teacher,
+        generator,
+        method="diff_instruct",
+        estep_step_size=gamma,
+        batch_size=64,
         student=teachers.DiffusionModel(
             teachers.EDMNetwork(2, key=jax.random.key(1), width=16, depth=1), 1.0, 2
         ),
@@ -81,8 +86,12 @@ def test_zero_mcmc_steps_has_zero_expected_gradient():
     teacher = _gaussian_teacher()
     for cancellation in ("none", "full"):
         distiller, state = emd.build_distiller(
-            teacher, _affine(0.4, -0.3), num_estep_steps=0, noise_cancellation=cancellation,
-            batch_size=20_000, sigma_range=(0.3, 1.0),
+            teacher,
+            _affine(0.4, -0.3),
+            num_estep_steps=0,
+            noise_cancellation=cancellation,
+            batch_size=20_000,
+            sigma_range=(0.3, 1.0),
         )
         sigma, eps0, z0 = distiller.draw(jax.random.key(0))
         result = distiller.estep(jax.random.key(1), state.theta, state.psi, sigma, eps0, z0)
@@ -99,9 +108,14 @@ def test_long_chain_gradient_is_forward_kl_gradient(sampler, num_steps, step_siz
     """§9a: a converged E-step makes the M-step gradient the forward-KL gradient."""
     mu, s, a, b, sigma0 = 1.5, 0.7, 0.4, -0.3, 0.6
     distiller, state = emd.build_distiller(
-        _gaussian_teacher(mu, s), _affine(a, b), estep_sampler=sampler,
-        num_estep_steps=num_steps, estep_step_size=step_size, batch_size=20_000,
-        sigma_range=(sigma0, sigma0 * (1 + 1e-6)), z_step_scale=step_size / sigma0**2,
+        _gaussian_teacher(mu, s),
+        _affine(a, b),
+        estep_sampler=sampler,
+        num_estep_steps=num_steps,
+        estep_step_size=step_size,
+        batch_size=20_000,
+        sigma_range=(sigma0, sigma0 * (1 + 1e-6)),
+        z_step_scale=step_size / sigma0**2,
         max_z_step=step_size,
     )
     sigma, eps0, z0 = distiller.draw(jax.random.key(0))
@@ -125,9 +139,18 @@ def test_mala_estep_never_uses_a_stale_cache():
     (large lr), MALA's cached log density still equals the current target at the chain's end,
     and acceptance stays high (a cache from the previous theta gives wrong MH ratios)."""
     result = emd.distill(
-        _gaussian_teacher(), _affine(0.4, -0.3), estep_sampler="mala", num_estep_steps=3,
-        estep_step_size=0.3, batch_size=512, num_steps=12, optimizer=optax.sgd(0.5),
-        sigma_range=(0.3, 1.0), num_probe_draws=0, progress_bar=False, rng_key=0,
+        _gaussian_teacher(),
+        _affine(0.4, -0.3),
+        estep_sampler="mala",
+        num_estep_steps=3,
+        estep_step_size=0.3,
+        batch_size=512,
+        num_steps=12,
+        optimizer=optax.sgd(0.5),
+        sigma_range=(0.3, 1.0),
+        num_probe_draws=0,
+        progress_bar=False,
+        rng_key=0,
     )
     theta_moves = np.abs(np.diff(result.history["grad_norm"])).sum()
     assert theta_moves > 0
@@ -143,10 +166,21 @@ def _two_mode_teacher():
 
 def _coverage_run(method, **kwargs):
     return emd.distill(
-        _two_mode_teacher(), _affine(0.5, 1.0), method=method, num_steps=800, batch_size=1024,
-        estep_step_size=0.2, z_step_scale=0.2, max_z_step=0.2, sigma_range=(0.135, 7.4),
-        weighting="sigma", optimizer=optax.adam(0.02), num_probe_draws=0, progress_bar=False,
-        rng_key=0, **kwargs,
+        _two_mode_teacher(),
+        _affine(0.5, 1.0),
+        method=method,
+        num_steps=800,
+        batch_size=1024,
+        estep_step_size=0.2,
+        z_step_scale=0.2,
+        max_z_step=0.2,
+        sigma_range=(0.135, 7.4),
+        weighting="sigma",
+        optimizer=optax.adam(0.02),
+        num_probe_draws=0,
+        progress_bar=False,
+        rng_key=0,
+        **kwargs,
     )
 
 
@@ -188,8 +222,13 @@ def _counting(nan_above=float("inf")):
 
 def _short_run(teacher, num_steps, **kwargs):
     kwargs = {
-        "num_steps": num_steps, "batch_size": 8, "num_estep_steps": 2,
-        "sigma_range": (0.1, 1.0), "num_probe_draws": 0, "progress_bar": False, "rng_key": 0,
+        "num_steps": num_steps,
+        "batch_size": 8,
+        "num_estep_steps": 2,
+        "sigma_range": (0.1, 1.0),
+        "num_probe_draws": 0,
+        "progress_bar": False,
+        "rng_key": 0,
         **kwargs,
     }
     return emd.distill(teacher, _affine(0.4, -0.3), **kwargs)
@@ -273,7 +312,7 @@ def test_estep_idata_and_diff_instruct_argument_check():
     "with learning_rate=0.05 0.90-1.35x; sigma_max=0.2 diverges (NaN) for both generators",
 )
 def test_distilled_eight_schools_matches_posteriordb():
-    """emdppl.EMD via emd_infer: means within 0.25 posterior sd, sds within 25%."""
+    """emdppl.EMD via infer: means within 0.25 posterior sd, sds within 25%."""
     import numpyro
     import numpyro.distributions as dist
 
@@ -288,7 +327,7 @@ def test_distilled_eight_schools_matches_posteriordb():
 
     data = {k: jnp.asarray(v, jnp.float32) for k, v in reference["data"].items() if k != "J"}
     config = emd.EMD(num_steps=400, num_samples=8000, batch_size=128, num_estep_steps=8)
-    idata = emd.emd_infer(eight_schools, config, model_kwargs=data, rng_key=0, progress_bar=False)
+    idata = emdppl.infer(eight_schools, config, model_kwargs=data, rng_key=0, progress_bar=False)
     post = idata.posterior
     assert post["theta"].shape[:2] == (4, 2000) and "estep_posterior" in idata.groups()
     for name, ref in reference["params"].items():
@@ -299,4 +338,3 @@ def test_distilled_eight_schools_matches_posteriordb():
         # negligible next to the 0.25 sd tolerance (likewise ~0.8% for the sd).
         assert abs(draws.mean() - ref["mean"]) < 0.25 * ref["sd"], (name, draws.mean(), ref)
         assert abs(draws.std() / ref["sd"] - 1) < 0.25, (name, draws.std(), ref)
-
