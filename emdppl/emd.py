@@ -840,9 +840,19 @@ class EMD:
     ``[sigma_max / 10, sigma_max]``). The default generator is
     :func:`emdppl.generators.sinh_arcsinh` (a small flow whose smoothed score is computed, so no
     student network); ``"affine"`` is a full-rank Gaussian, ``"mlp"`` an MLP with a learned
-    student score. It is distilled by forward KL with a cosine-decayed Adam learning rate, the
-    z-block stepping ``min(z_step_scale sigma^2, max_z_step)``. ``num_samples`` one-step draws
-    are returned as ``num_chains`` chains of ``num_samples // num_chains`` draws.
+    student score. It is distilled with a cosine-decayed Adam learning rate. ``num_samples``
+    one-step draws are returned as ``num_chains`` chains of ``num_samples // num_chains`` draws.
+
+    **z frozen by default.** ``update_z=False`` (with full noise cancellation, the
+    :func:`distill` default for it) runs the E-step on :math:`\varepsilon` only: the
+    K-step generalisation of Diff-Instruct, exact-noise-free and closer to a reverse-KL fit.
+    ``update_z=True`` samples z too (z step ``min(z_step_scale sigma^2, max_z_step)``, no
+    cancellation): the forward-KL, mass-covering fit. For a posterior the generator family
+    cannot represent exactly, forward KL over-disperses. Measured on eight schools (400 steps,
+    K = 8, posteriordb reference): z frozen, seeds 0-2: sds 0.94-1.13x, means within 0.05 sd;
+    z sampled: sds 0.93-1.42x (the same family fitted by maximum likelihood on 20k NUTS draws,
+    the forward-KL optimum at sigma = 0, already gives 1.19x: it cannot express the
+    tau-dependent scales of the non-centred effects).
 
     Examples
     --------
@@ -861,6 +871,8 @@ class EMD:
     max_z_step: float = 0.05
     sigma_max: float = 0.5
     generator: str = "sinh_arcsinh"
+    update_z: bool = False
+    noise_cancellation: str | None = None
 
     def __post_init__(self):
         if self.generator not in GENERATORS:
@@ -918,6 +930,8 @@ class EMD:
             estep_step_size=self.estep_step_size,
             z_step_scale=self.z_step_scale,
             max_z_step=self.max_z_step,
+            update_z=self.update_z,
+            noise_cancellation=self.noise_cancellation,
             optimizer=optax.adam(schedule_fn),
             rng_key=k_distill,
             progress_bar=progress_bar,
@@ -933,6 +947,10 @@ class EMD:
             "num_steps": self.num_steps,
             "estep_sampler": self.estep_sampler,
             "num_estep_steps": self.num_estep_steps,
+            "update_z": int(self.update_z),
+            "noise_cancellation": _resolve_method(
+                "emd", self.num_estep_steps, self.update_z, self.noise_cancellation
+            )[2],
             "num_skipped_steps": int(result.state.num_skipped),
         }
         return to_arviz(
