@@ -1,4 +1,4 @@
-"""EM distillation (K, noise cancellation) vs Diff-Instruct vs the teacher's Heun sampler.
+"""EM distillation (K, noise cancellation) vs Diff-Instruct vs the teacher's DDIM/Heun sampler.
 
 Problems: the demo's exact 2-D mixtures (``ring8``, ``grid25``; ``emdppl.demo.mixtures``),
 diffusion teachers trained by ``emdppl.teachers.train_diffusion`` on a swiss roll and a
@@ -32,7 +32,7 @@ if __package__ in (None, ""):
 import emdppl  # noqa: E402
 from benchmarks.common import RESULTS_DIR, machine, save_report  # noqa: E402
 from emdppl import demo, teachers  # noqa: E402
-from emdppl.demo import _time_per_10k, energy_distance, mode_metrics  # noqa: E402
+from emdppl.demo import _time_per_10k, energy_distance, mode_metrics, teacher_draws  # noqa: E402
 from emdppl.timing import stopwatch  # noqa: E402
 
 matplotlib.use("Agg")
@@ -42,8 +42,8 @@ PROBLEMS = ("ring8", "grid25", "swissroll", "checkerboard", "mix10d")
 DEFAULT_PROBLEMS = ("ring8", "swissroll", "mix10d")
 ALL_KS = (1, 2, 4, 8, 16)
 NOISE_CANCELLATIONS = ("none", "initial", "full")
-#: Teacher's multi-step sampler: Heun steps 1, 2, 4, 9, 18 = NFE 1, 3, 7, 17, 35.
-HEUN_STEPS = (1, 2, 4, 9, 18)
+#: Teacher's multi-step sampler: DDIM at NFE 1, 2, 4, 8, 18 and EDM Heun at NFE 35.
+TEACHER_SAMPLERS = (("ddim", 1), ("ddim", 2), ("ddim", 4), ("ddim", 8), ("ddim", 18), ("heun", 18))
 NUM_EVAL = 2000  # draws per energy distance (O(n^2) memory)
 NUM_SAMPLES = 10_000
 
@@ -165,17 +165,13 @@ def run_problem(name: str, args) -> tuple[list[dict], dict]:
            **metrics(problem, problem["reference"][NUM_EVAL:], 0, float("nan"))}
     ref["seconds_per_10k_samples"] = None
     rows.append(ref)
-    for steps in HEUN_STEPS[:2] if args.smoke else HEUN_STEPS:
-        nfe = 2 * steps - 1
-        x = np.asarray(teacher.sample_heun(jax.random.fold_in(key, steps), NUM_SAMPLES,
-                                           num_steps=steps))
-        seconds = _time_per_10k(lambda r, s=steps: teacher.sample_heun(r, NUM_SAMPLES,
-                                                                       num_steps=s), key)
-        row = {**base, "method": f"heun_nfe{nfe}", "num_estep_steps": None,
+    samplers = TEACHER_SAMPLERS[:2] if args.smoke else TEACHER_SAMPLERS
+    for row_name, label, nfe, x, seconds in teacher_draws(teacher, key, NUM_SAMPLES, samplers):
+        row = {**base, "method": row_name, "num_estep_steps": None,
                "noise_cancellation": None, **metrics(problem, x, nfe, seconds)}
         rows.append(row)
         print(_format_row(row), file=sys.stderr, flush=True)
-        panels[f"Heun NFE {nfe}"] = x
+        panels[label] = x
     for method, k, noise in configs(name, args.ks, args.full, args.smoke):
         try:
             row, x = distill_row(problem, method, k, noise, args.num_steps, args.seed, args.smoke)
@@ -253,7 +249,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--full", action="store_true",
                         help="every problem, K in --ks (default 1 2 4 8 16) x none/initial/full")
     parser.add_argument("--smoke", action="store_true",
-                        help="ring8, Heun NFE 1 and 3, 20 steps of Diff-Instruct and EMD K=2")
+                        help="ring8, DDIM NFE 1 and 2, 20 steps of Diff-Instruct and EMD K=2")
     args = parser.parse_args(argv)
     if args.problems is None:
         args.problems = list(PROBLEMS if args.full else DEFAULT_PROBLEMS)
@@ -279,7 +275,7 @@ def main(argv: list[str] | None = None) -> dict:
     report = {
         "settings": {"problems": args.problems, "ks": args.ks, "full": args.full,
                      "num_steps": args.num_steps, "teacher_steps": args.teacher_steps,
-                     "seed": args.seed, "heun_steps": HEUN_STEPS, "num_eval": NUM_EVAL,
+                     "seed": args.seed, "teacher_samplers": TEACHER_SAMPLERS, "num_eval": NUM_EVAL,
                      "distill_options": demo.DISTILL_OPTIONS, "emd_options": demo.EMD_OPTIONS,
                      "learning_rate": demo.LEARNING_RATE},
         "machine": machine(),

@@ -393,7 +393,7 @@ def from_torch(
     Returns
     -------
     TorchTeacher
-        Usable wherever a teacher is: :func:`emdppl.distill`, ``sample_heun``.
+        Usable wherever a teacher is: :func:`emdppl.distill`, ``sample_ode``.
 
     Examples
     --------

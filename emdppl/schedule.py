@@ -13,7 +13,7 @@ related to the denoiser :math:`D(x_\sigma, \sigma) \approx E[x \mid x_\sigma]` b
 :math:`\mathrm{score} = (D - x_\sigma) / \sigma^2`.
 
 Noise levels live in ``[sigma_min, sigma_max]``: ``0.002 .. 80`` for the teachers' own multi-step
-sampler (:func:`karras_sigmas`, :func:`heun_sample`), and a narrower range, drawn log-uniformly
+sampler (:func:`karras_sigmas`, :func:`ode_sample`), and a narrower range, drawn log-uniformly
 (:func:`sample_log_uniform`) or log-normally (:func:`sample_log_normal`), for training and
 distillation.
 """
@@ -31,8 +31,9 @@ __all__ = [
     "SIGMA_MAX",
     "SIGMA_MIN",
     "edm_scalings",
-    "heun_sample",
     "karras_sigmas",
+    "num_function_evaluations",
+    "ode_sample",
     "sample_log_normal",
     "sample_log_uniform",
 ]
@@ -61,19 +62,36 @@ def karras_sigmas(
     return jnp.concatenate([sigmas, jnp.zeros(1)])
 
 
-def heun_sample(
+#: Probability-flow ODE solvers of :func:`ode_sample`.
+SOLVERS = ("heun", "ddim")
+
+
+def num_function_evaluations(num_steps: int, solver: str = "heun") -> int:
+    """Denoiser calls of :func:`ode_sample`: ``2 num_steps - 1`` (heun), ``num_steps`` (ddim)."""
+    if solver not in SOLVERS:
+        raise ValueError(f"solver must be one of {SOLVERS}, got {solver!r}.")
+    return 2 * num_steps - 1 if solver == "heun" else num_steps
+
+
+def ode_sample(
     rng_key: PRNGKey,
     denoise_fn: Callable[[jax.Array, jax.Array], jax.Array],
     shape: tuple[int, ...],
     num_steps: int,
     sigma_min: float = SIGMA_MIN,
     sigma_max: float = SIGMA_MAX,
+    solver: str = "heun",
 ) -> jax.Array:
-    r"""Deterministic EDM sampler (Karras et al. 2022, Algorithm 1) from ``x ~ N(0, sigma_max^2)``.
+    r"""Deterministic sampler of the probability-flow ODE from ``x ~ N(0, sigma_max^2)``.
 
-    Integrates the probability-flow ODE :math:`dx/d\sigma = (x - D(x, \sigma)) / \sigma` on
-    :func:`karras_sigmas` with Heun's method (Euler on the last step), so the number of
-    denoiser evaluations is ``NFE = 2 * num_steps - 1``.
+    Integrates :math:`dx/d\sigma = (x - D(x, \sigma)) / \sigma` on :func:`karras_sigmas`.
+    ``"heun"`` is EDM's Algorithm 1 (Karras et al. 2022): Heun's method, Euler on the last step,
+    ``NFE = 2 num_steps - 1``. ``"ddim"`` is Euler, which in this (VE) parametrisation is
+    deterministic DDIM, :math:`x' = D + (\sigma'/\sigma)(x - D)`, ``NFE = num_steps``, on the
+    first ``num_steps`` levels of the ``num_steps + 1``-level grid, the last step jumping from
+    the lowest of them to 0 (so that no evaluation is spent at ``sigma_min``, where the
+    denoiser is the identity). At very few steps DDIM is the more accurate of the two: Heun's
+    correction is evaluated at the end of a step that spans most of the noise range.
 
     Parameters
     ----------
@@ -86,7 +104,12 @@ def heun_sample(
     -------
     Samples of shape ``(n, d)``.
     """
-    sigmas = karras_sigmas(num_steps, sigma_min, sigma_max)
+    num_function_evaluations(num_steps, solver)  # validates solver
+    if solver == "ddim":  # the last step jumps to 0 from the grid's last level above sigma_min
+        sigmas = karras_sigmas(num_steps + 1, sigma_min, sigma_max)
+        sigmas = jnp.concatenate([sigmas[:num_steps], jnp.zeros(1)])
+    else:
+        sigmas = karras_sigmas(num_steps, sigma_min, sigma_max)
     denoise = jax.vmap(denoise_fn, in_axes=(0, None))
     x = sigmas[0] * jax.random.normal(rng_key, shape)
 
@@ -94,6 +117,8 @@ def heun_sample(
         sigma, sigma_next = sigmas[i], sigmas[i + 1]
         slope = (x - denoise(x, sigma)) / sigma
         euler = x + (sigma_next - sigma) * slope
+        if solver == "ddim":
+            return euler, None
 
         def heun(_):
             slope_next = (euler - denoise(euler, sigma_next)) / sigma_next

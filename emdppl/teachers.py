@@ -10,7 +10,7 @@ A teacher is an :class:`AbstractTeacher`, an equinox module with
 
 - :class:`GaussianMixture`: exact score at every sigma, exact draws, exact ``log_prob``.
 - :class:`DiffusionModel` (from :func:`train_diffusion`): an EDM-preconditioned denoiser network
-  trained by denoising score matching; its own sampler is EDM's Heun solver.
+  trained by denoising score matching; its own sampler is EDM's Heun solver (or DDIM).
 - :class:`DensityTeacher` (from :func:`from_model`): an unnormalised posterior density on the
   unconstrained auxiliary space.
 
@@ -76,22 +76,29 @@ class AbstractTeacher(eqx.Module):
         r"""Tweedie's denoiser :math:`E[x \mid x_t] = x_t + \sigma^2 \mathrm{score}(x_t,\sigma)`."""
         return x_t + sigma**2 * self.score(x_t, sigma)
 
-    def sample_heun(self, rng_key: PRNGKey, n: int, *, num_steps: int = 18) -> jax.Array:
-        """The teacher's multi-step sampler: EDM Heun on :meth:`denoise`, ``NFE = 2 num_steps - 1``.
+    def sample_ode(
+        self, rng_key: PRNGKey, n: int, *, num_steps: int = 18, solver: str = "heun"
+    ) -> jax.Array:
+        """The teacher's multi-step sampler on :meth:`denoise`: the probability-flow ODE by EDM
+        Heun (``NFE = 2 num_steps - 1``) or DDIM (``NFE = num_steps``), see
+        :func:`emdppl.schedule.ode_sample`.
 
         Returns draws of shape ``(n, d)``.
         """
-        return _heun(self, as_key(rng_key), n, num_steps)
+        return _ode_sample(self, as_key(rng_key), n, num_steps, solver)
 
 
 @eqx.filter_jit
-def _heun(teacher: AbstractTeacher, rng_key: PRNGKey, n: int, num_steps: int) -> jax.Array:
-    return schedule.heun_sample(
+def _ode_sample(
+    teacher: AbstractTeacher, rng_key: PRNGKey, n: int, num_steps: int, solver: str
+) -> jax.Array:
+    return schedule.ode_sample(
         rng_key,
         teacher.denoise,
         (n, teacher.data_dim),
         num_steps,
         sigma_min=max(teacher.sigma_min, schedule.SIGMA_MIN),
+        solver=solver,
         sigma_max=teacher.sigma_max,
     )
 
@@ -250,9 +257,12 @@ class DiffusionModel(AbstractTeacher):
     def score(self, x_t: jax.Array, sigma: jax.Array) -> jax.Array:
         return (self.denoise(x_t, sigma) - x_t) / sigma**2
 
-    def sample(self, rng_key: PRNGKey, n: int, *, num_steps: int = 18) -> jax.Array:
-        """EDM Heun sampler, ``NFE = 2 num_steps - 1``; draws of shape ``(n, d)``."""
-        return self.sample_heun(rng_key, n, num_steps=num_steps)
+    def sample(
+        self, rng_key: PRNGKey, n: int, *, num_steps: int = 18, solver: str = "heun"
+    ) -> jax.Array:
+        """The multi-step sampler :meth:`sample_ode` (EDM Heun by default, or ``"ddim"``);
+        draws of shape ``(n, d)``."""
+        return self.sample_ode(rng_key, n, num_steps=num_steps, solver=solver)
 
 
 def dsm_loss(model: DiffusionModel, x: jax.Array, sigma: jax.Array, noise: jax.Array) -> jax.Array:
@@ -322,7 +332,8 @@ def train_diffusion(
     Returns
     -------
     DiffusionModel
-        The teacher; ``teacher.sample(rng_key, n, num_steps=18)`` runs EDM's Heun sampler.
+        The teacher; ``teacher.sample(rng_key, n, num_steps=18)`` runs EDM's Heun sampler
+        (``solver="ddim"``: DDIM).
 
     Examples
     --------

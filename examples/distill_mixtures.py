@@ -25,19 +25,7 @@ def main() -> None:
     metrics = demo.run_demo(
         args.out, smoke=args.smoke, rng_key=args.seed, num_steps=args.num_steps
     )
-    rows = [
-        (name, row, values)
-        for name, table in metrics.items()
-        if isinstance(table, dict) and "exact" in table
-        for row, values in table.items()
-    ]
-    header = ("mixture", "method", "energy", "min m/w", "off", "NFE", "s/10k")
-    print("{:8} {:14} {:>8} {:>8} {:>6} {:>4} {:>7}".format(*header))
-    for name, row, v in rows:
-        print(
-            f"{name:8} {row:14} {v['energy_distance']:8.4f} {v['min_mass_ratio']:8.2f} "
-            f"{v['off_mode_fraction']:6.3f} {v['nfe']:4d} {v['seconds_per_10k_samples']:7.4f}"
-        )
+    print(demo.format_table(metrics))
     print(json.dumps({"out": str(args.out)}))
 
 

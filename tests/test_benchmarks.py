@@ -130,7 +130,7 @@ def test_inference_smoke_rows(emd_smoke_reports):
 def test_distillation_smoke_rows(emd_smoke_reports):
     report = json.loads(emd_smoke_reports["distillation"][2].read_text())
     methods = [r["method"] for r in report["rows"]]
-    assert methods == ["reference", "heun_nfe1", "heun_nfe3", "diff_instruct", "emd"]
+    assert methods == ["reference", "ddim_nfe1", "ddim_nfe2", "diff_instruct", "emd"]
     for row in report["rows"]:
         for key in ("energy_distance", "min_mass_ratio", "off_mode_fraction", "tv_mode_masses"):
             assert math.isfinite(row[key]), (row["method"], key)

@@ -57,10 +57,11 @@ def test_mixture_validation_messages():
         teachers.GaussianMixture(jnp.zeros((3, 2)), jnp.ones(3), jnp.array([1.0, 0.0, 1.0]))
 
 
-def test_heun_sampler_on_exact_score_matches_mixture():
+@pytest.mark.parametrize("solver, num_steps", [("heun", 50), ("ddim", 400)])
+def test_ode_sampler_on_exact_score_matches_mixture(solver, num_steps):
     teacher = _mixture()
     n = 20_000
-    x = teacher.sample_heun(jax.random.key(2), n, num_steps=50)
+    x = teacher.sample_ode(jax.random.key(2), n, num_steps=num_steps, solver=solver)
     ref = teacher.sample(jax.random.key(3), n)
     sd = np.asarray(ref.std(0))
     # Within 4 MCSE of the difference of two means, plus the bias of starting from N(0, 80^2)
@@ -70,6 +71,18 @@ def test_heun_sampler_on_exact_score_matches_mixture():
     assert np.all(mean_error < 4 * sd * np.sqrt(2 / n) + prior_bias)
     # std: 4 MCSE of a ratio of two sds (~sqrt(1/n) each for near-normal) plus 1% discretisation
     assert np.all(np.abs(np.asarray(x.std(0) / ref.std(0)) - 1) < 4 * np.sqrt(1 / n) + 0.01)
+
+
+def test_one_step_ddim_is_the_denoiser_at_sigma_max():
+    teacher = _mixture()
+    x = teacher.sample_ode(jax.random.key(4), 5, num_steps=1, solver="ddim")
+    x0 = schedule.SIGMA_MAX * jax.random.normal(jax.random.key(4), (5, 2))
+    expected = jax.vmap(teacher.denoise, in_axes=(0, None))(x0, schedule.SIGMA_MAX)
+    np.testing.assert_allclose(x, expected, rtol=1e-5, atol=1e-5)
+    assert [schedule.num_function_evaluations(k, "ddim") for k in (1, 2, 4, 18)] == [1, 2, 4, 18]
+    assert schedule.num_function_evaluations(18, "heun") == 35
+    with pytest.raises(ValueError, match="solver"):
+        teacher.sample_ode(jax.random.key(4), 5, num_steps=2, solver="euler")
 
 
 def test_karras_grid():
