@@ -92,7 +92,8 @@ def run(
         Keep the ``info`` of every ``thinning``-th step.
     num_chunks
         About how many jitted chunks to split the run into (progress-bar and checkpoint
-        granularity).
+        granularity). Without a progress bar or checkpoints the run is one chunk: each chunk
+        is a separate XLA execution (about 3 ms each on CPU, 30% of a 0.2 s NUTS run).
     progress_bar
         Show a tqdm bar over steps.
     desc
@@ -117,6 +118,8 @@ def run(
     num_records = num_steps // thinning
     if num_records == 0:
         return state, None
+    if not progress_bar and checkpoint_dir is None:
+        num_chunks = 1
     length = _chunk_length(num_records, max(1, math.ceil(num_records / num_chunks)))
 
     done, chunks = 0, []

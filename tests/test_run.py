@@ -74,9 +74,24 @@ def test_chunking_does_not_change_the_result(num_chunks):
         COUNTER.init(None, None),
         thinning=2,
         num_chunks=num_chunks,
-        progress_bar=False,
+        progress_bar=True,  # chunks are only used for progress or checkpoints
     )
     _assert_trees_equal(result, reference)
+
+
+def test_a_run_without_progress_or_checkpoints_is_one_chunk(monkeypatch):
+    calls = []
+    chunk = run_module._chunk
+
+    def counting(*args):
+        calls.append(args[-2])  # length
+        return chunk(*args)
+
+    monkeypatch.setattr(run_module, "_chunk", counting)
+    emdppl.run(0, COUNTER, 26, COUNTER.init(None, None), thinning=2, progress_bar=False)
+    assert calls == [13]
+    emdppl.run(0, COUNTER, 26, COUNTER.init(None, None), thinning=2, num_chunks=2)
+    assert calls == [13, 7, 6]
 
 
 def test_zero_steps_returns_the_state_and_no_trace():
