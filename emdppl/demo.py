@@ -10,6 +10,7 @@ a PNG panel, ``metrics.json`` and ArviZ summaries of the E-step chains.
 from __future__ import annotations
 
 import json
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -50,6 +51,8 @@ INPUT_SCALE = 1.25
 #: at NFE 35 (EDM's default; at 2-4 steps Heun is far worse than DDIM, see ``ode_sample``).
 TEACHER_SAMPLERS = (("ddim", 1), ("ddim", 2), ("ddim", 4), ("ddim", 18), ("heun", 18))
 SOLVER_LABELS = {"ddim": "DDIM", "heun": "Heun"}
+#: pyplot is not thread-safe: the CLI runs this demo next to the eight-schools one.
+PLOT_LOCK = threading.Lock()
 
 
 def mixtures() -> dict[str, teachers.GaussianMixture]:
@@ -211,7 +214,8 @@ def run_demo(
             summary.to_csv(out_dir / f"estep_summary_{name}_{method}.csv")
         metrics[name] = rows
     (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
-    _panel(draws, out_dir / "panel.png")
+    with PLOT_LOCK:
+        _panel(draws, out_dir / "panel.png")
     return metrics
 
 
