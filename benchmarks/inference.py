@@ -43,7 +43,7 @@ EXTRA_DRAWS = 10_000
 SETTINGS = {
     "mcmc": {"num_chains": 4, "num_warmup": 500, "num_samples": 1000},
     "svi": {"num_steps": 5000, "num_samples": 4000},
-    "emd": {"num_steps": 1500, "num_samples": 4000},
+    "emd": {"num_steps": 1000, "num_samples": 4000},
 }
 SMOKE_SETTINGS = {
     "mcmc": {"num_chains": 2, "num_warmup": 100, "num_samples": 200},

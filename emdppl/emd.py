@@ -859,13 +859,13 @@ class EMD:
     >>> idata = emdppl.infer(model, emdppl.EMD(num_steps=1500), model_kwargs=data)  # doctest: +SKIP
     """
 
-    num_steps: int = 1500
+    num_steps: int = 1000
     num_samples: int = 1000
     num_chains: int = 4
-    batch_size: int = 256
+    batch_size: int = 128
     learning_rate: float = 0.02
     estep_sampler: str = "ula"
-    num_estep_steps: int = 16
+    num_estep_steps: int = 8
     estep_step_size: float = 0.2
     z_step_scale: float = 200.0
     max_z_step: float = 0.05
