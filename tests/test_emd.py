@@ -336,3 +336,31 @@ def test_distilled_eight_schools_matches_posteriordb():
         # negligible next to the 0.25 sd tolerance (likewise ~0.8% for the sd).
         assert abs(draws.mean() - ref["mean"]) < 0.25 * ref["sd"], (name, draws.mean(), ref)
         assert abs(draws.std() / ref["sd"] - 1) < 0.25, (name, draws.std(), ref)
+
+
+def test_estep_gradient_clip_keeps_an_unstable_chain_bounded():
+    """A z step far beyond the stability limit of ULA on a sharp teacher (curvature x step
+    ~ 1000) blows the E-step chain up; the default gradient clip bounds every drift step."""
+    teacher = _gaussian_teacher(mu=0.0, s=0.05)
+    options = dict(
+        batch_size=16,
+        num_estep_steps=8,
+        z_step_scale=1000.0,
+        max_z_step=0.1,
+        sigma_range=(0.01, 0.02),
+        noise_cancellation="none",
+    )
+    results = {}
+    for clip in (None, 5.0):
+        distiller, state = emd.build_distiller(
+            teacher, _affine(1.0, 0.0), estep_grad_clip=clip, **options
+        )
+        sigma, eps0, z0 = distiller.draw(jax.random.key(0))
+        results[clip] = distiller.estep(jax.random.key(1), state.theta, state.psi, sigma, eps0, z0)
+    unclipped = np.abs(np.asarray(results[None].z))
+    assert not np.all(np.isfinite(unclipped)) or unclipped.max() > 1e3  # diverged
+    clipped = np.abs(np.asarray(results[5.0].z))
+    # 8 drift steps of at most step * 5 * sqrt(n) each, plus the Gaussian noise
+    assert np.all(np.isfinite(clipped)) and clipped.max() < 20
+    with pytest.raises(ValueError, match="estep_grad_clip"):
+        emd.build_distiller(teacher, _affine(1.0, 0.0), estep_grad_clip=0.0)
