@@ -256,6 +256,7 @@ class MCMC:
                 step_size[:, None], (target.num_chains, self.num_samples)
             )
         _warn_divergences(stats, self.sampler)
+        _warn_non_finite(positions, self.sampler)
         return MCMCResult(
             positions,
             stats,
@@ -306,6 +307,25 @@ class MCMC:
             **result.timing,
         }
         return to_arviz(posterior, result.stats, attrs)
+
+
+def _warn_non_finite(positions: PyTree, sampler: str) -> None:
+    """Warn when draws are NaN/inf: names the chains and the first bad draw of each."""
+    leaves = [np.asarray(x) for x in jax.tree.leaves(positions)]
+    bad = np.zeros(leaves[0].shape[:2], bool)  # (chain, draw)
+    for x in leaves:
+        bad |= ~np.isfinite(x.reshape(*x.shape[:2], -1)).all(-1)
+    chains = np.flatnonzero(bad.any(1))
+    if chains.size:
+        first = {int(c): int(np.argmax(bad[c])) for c in chains}
+        warnings.warn(
+            f"{chains.size} of {bad.shape[0]} {sampler} chains produced non-finite draws "
+            f"(chain: first bad draw {first}): the kernel is unstable at this step size. "
+            f"Lower it (emdppl.MCMC({sampler!r}, step_size=...)), use a sampler with warm-up "
+            "and a Metropolis step (nuts, mala), or check the model's log density for NaN/inf.",
+            RuntimeWarning,
+            stacklevel=3,
+        )
 
 
 def _warn_divergences(stats: dict, sampler: str) -> None:

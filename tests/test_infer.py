@@ -5,6 +5,7 @@ import warnings
 
 import arviz as az
 import jax
+import jax.numpy as jnp
 import numpy as np
 import numpyro
 import numpyro.distributions as dist
@@ -176,3 +177,14 @@ def test_site_left_centered_warns_with_its_family():
             model, emdppl.MCMC("mala", num_warmup=200, num_samples=200), progress_bar=False
         )
     assert "x_decentered" in idata.posterior and "p" in idata.posterior
+
+
+def test_unstable_kernel_warns_about_non_finite_draws():
+    """ULA with a step far past its stability limit (h > 2 s^2) on N(0, 0.1^2) overflows."""
+    target = emdppl.Target.from_logdensity(
+        lambda x: -0.5 * jnp.sum((x / 0.1) ** 2), jnp.ones(2), num_chains=3
+    )
+    algorithm = emdppl.MCMC("ula", num_warmup=0, num_samples=200, num_chains=3, step_size=1.0)
+    with pytest.warns(RuntimeWarning, match=r"3 of 3 ula chains produced non-finite draws"):
+        result = algorithm.sample(0, target, progress_bar=False)
+    assert not np.isfinite(result.positions[:, -1]).all()  # the draws are kept, not dropped
