@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import warnings
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -511,6 +512,15 @@ def _resolve_method(method, num_estep_steps, update_z, noise_cancellation):
         )
     if num_estep_steps < 0:
         raise ValueError(f"num_estep_steps must be >= 0, got {num_estep_steps}.")
+    if num_estep_steps == 1 and update_z and noise_cancellation != "none":
+        warnings.warn(
+            f"method='emd' with K=1, z sampled and noise_cancellation={noise_cancellation!r}: "
+            "cancellation is biased when z moves, and with one step the bias outweighs the "
+            "signal (measured: the generator diverges on the 2-D mixtures). Use K >= 2, "
+            "update_z=False (K-step Diff-Instruct) or noise_cancellation='none'.",
+            UserWarning,
+            stacklevel=4,
+        )
     return num_estep_steps, update_z, noise_cancellation
 
 

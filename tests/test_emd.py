@@ -2,6 +2,7 @@
 
 import importlib
 import json
+import warnings
 from pathlib import Path
 
 import arviz as az
@@ -364,3 +365,15 @@ def test_estep_gradient_clip_keeps_an_unstable_chain_bounded():
     assert np.all(np.isfinite(clipped)) and clipped.max() < 20
     with pytest.raises(ValueError, match="estep_grad_clip"):
         emd.build_distiller(teacher, _affine(1.0, 0.0), estep_grad_clip=0.0)
+
+
+def test_one_step_emd_with_cancellation_and_z_sampled_warns():
+    teacher = _gaussian_teacher()
+    with pytest.warns(UserWarning, match=r"K=1, z sampled and noise_cancellation='full'"):
+        emd.build_distiller(teacher, _affine(1.0, 0.0), num_estep_steps=1, update_z=True,
+                            noise_cancellation="full")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the valid neighbours do not warn
+        emd.build_distiller(teacher, _affine(1.0, 0.0), num_estep_steps=1, update_z=True,
+                            noise_cancellation="none")
+        emd.build_distiller(teacher, _affine(1.0, 0.0), method="diff_instruct")
