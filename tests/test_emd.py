@@ -377,3 +377,14 @@ def test_one_step_emd_with_cancellation_and_z_sampled_warns():
         emd.build_distiller(teacher, _affine(1.0, 0.0), num_estep_steps=1, update_z=True,
                             noise_cancellation="none")
         emd.build_distiller(teacher, _affine(1.0, 0.0), method="diff_instruct")
+
+
+def test_z_chain_drift_warns():
+    """``z_rms`` far above 1 at the end of a run (z step too large) gives a clear warning."""
+    healthy = np.concatenate([np.full(90, 3.0), np.full(10, 1.2)])  # only the last tenth counts
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        emd._warn_z_drift(healthy, update_z=True)
+        emd._warn_z_drift(np.full(100, 1.9), update_z=False)  # z frozen: nothing to say
+    with pytest.warns(RuntimeWarning, match=r"RMS of z\^K 1.9.*Lower z_step_scale"):
+        emd._warn_z_drift(np.full(100, 1.9), update_z=True)
