@@ -14,13 +14,10 @@ import importlib.metadata
 import json
 from typing import Any
 
-import arviz as az
 import numpy as np
 import xarray as xr
 
 __all__ = ["to_arviz", "versions"]
-
-_ARVIZ_MAJOR = int(az.__version__.split(".")[0])
 
 
 @functools.cache
@@ -98,6 +95,8 @@ def to_arviz(
     for name, arrays in groups.items():
         if arrays:
             datasets[name] = _dataset(arrays, attrs)
-    if _ARVIZ_MAJOR >= 1:
+    import arviz as az  # here, not at module level: importing arviz takes about 2 s
+
+    if int(az.__version__.split(".")[0]) >= 1:
         return xr.DataTree.from_dict(datasets)
     return az.InferenceData(**datasets)
