@@ -492,6 +492,11 @@ def _default_generator(teacher: AbstractTeacher, key: PRNGKey):
     return generators_module.from_teacher(teacher, key=key)
 
 
+def _default_noise_cancellation(update_z: bool) -> str:
+    """``"none"`` when z moves (cancellation is then biased, §4.2), else ``"full"``."""
+    return "none" if update_z else "full"
+
+
 def _resolve_method(method, num_estep_steps, update_z, noise_cancellation):
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}.")
@@ -512,7 +517,7 @@ def _resolve_method(method, num_estep_steps, update_z, noise_cancellation):
     num_estep_steps = 8 if num_estep_steps is None else int(num_estep_steps)
     update_z = True if update_z is None else bool(update_z)
     if noise_cancellation is None:
-        noise_cancellation = "none" if update_z else "full"
+        noise_cancellation = _default_noise_cancellation(update_z)
     if noise_cancellation not in NOISE_CANCELLATIONS:
         raise ValueError(
             f"noise_cancellation must be one of {NOISE_CANCELLATIONS}, got {noise_cancellation!r}."
@@ -1017,9 +1022,8 @@ class EMD:
             "estep_sampler": self.estep_sampler,
             "num_estep_steps": self.num_estep_steps,
             "update_z": int(self.update_z),
-            "noise_cancellation": _resolve_method(
-                "emd", self.num_estep_steps, self.update_z, self.noise_cancellation
-            )[2],
+            "noise_cancellation": self.noise_cancellation
+            or _default_noise_cancellation(self.update_z),
             "num_skipped_steps": int(result.state.num_skipped),
         }
         return to_arviz(
