@@ -14,7 +14,7 @@ from emdppl.infer import infer
 from emdppl.inference_data import to_arviz
 from emdppl.mcmc import MCMC, mcmc_algorithm
 from emdppl.reparam import auxiliary, check_auxiliary
-from emdppl.run import run
+from emdppl.driver import run
 from emdppl.samplers import get_sampler, register_sampler, samplers
 from emdppl.svi import SVI
 from emdppl.target import Target

@@ -60,7 +60,7 @@ from jax.flatten_util import ravel_pytree
 from emdppl import generators as generators_module
 from emdppl import schedule
 from emdppl.base import Algorithm, PRNGKey, PyTree, as_key
-from emdppl.run import checkpoint_exists, run
+from emdppl.driver import checkpoint_exists, run
 from emdppl.samplers import get_sampler
 from emdppl.teachers import AbstractTeacher, DensityTeacher, DiffusionModel, EDMNetwork, dsm_loss
 
@@ -749,7 +749,7 @@ def distill(
     rng_key
         Seed or key; every random number derives from it.
     checkpoint_dir
-        Checkpoint after every chunk and resume from it (:func:`emdppl.run.run`).
+        Checkpoint after every chunk and resume from it (:func:`emdppl.driver.run`).
     progress_bar
         Show progress.
 

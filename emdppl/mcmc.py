@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 from emdppl.base import Algorithm, PRNGKey, PyTree, as_key
 from emdppl.inference_data import to_arviz
-from emdppl.run import run
+from emdppl.driver import run
 from emdppl.samplers import Sampler, get_sampler
 from emdppl.target import Target
 from emdppl.timing import stopwatch

@@ -66,7 +66,7 @@ from numpyro.optim import optax_to_numpyro
 from emdppl.base import Algorithm, PRNGKey, PyTree, as_key
 from emdppl.inference_data import to_arviz
 from emdppl.reparam import auxiliary as make_auxiliary
-from emdppl.run import run
+from emdppl.driver import run
 from emdppl.target import check_model_arguments
 from emdppl.timing import stopwatch
 

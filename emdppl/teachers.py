@@ -35,7 +35,7 @@ from jax.flatten_util import ravel_pytree
 
 from emdppl import schedule
 from emdppl.base import Algorithm, PRNGKey, as_key
-from emdppl.run import run
+from emdppl.driver import run
 
 __all__ = [
     "AbstractTeacher",
@@ -488,6 +488,12 @@ def density_teacher(target: Any, *, sigma_max: float = 0.5) -> DensityTeacher:
     )
 
 
-# The torch bridge's teacher lives with the bridge (torch is optional); it is a teacher like the
-# others, so it is reachable here too. Imported last: emdppl.bridge imports AbstractTeacher.
-from emdppl.bridge import from_torch  # noqa: E402
+
+def __getattr__(name: str):
+    """``teachers.from_torch``: the torch teacher lives in :mod:`emdppl.bridge` (torch is
+    optional) and is imported on first use, so this module never imports the bridge."""
+    if name == "from_torch":
+        from emdppl.bridge.torch_teacher import from_torch
+
+        return from_torch
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -16,7 +16,7 @@ import pytest
 import emdppl
 from emdppl import emd, generators, teachers
 
-RUN = importlib.import_module("emdppl.run")  # the module; emdppl.run is also the function
+RUN = importlib.import_module("emdppl.driver")
 
 DATA = Path(__file__).parent / "data"
 

@@ -12,7 +12,7 @@ import pytest
 import emdppl
 
 # ``emdppl.run`` is the function; the module is reached through ``sys.modules``.
-run_module = importlib.import_module("emdppl.run")
+run_module = importlib.import_module("emdppl.driver")
 
 
 def _counter_step(rng_key, state):
