@@ -1,20 +1,47 @@
 """emdppl: MCMC, SVI and EM distillation on NumPyro (and Pyro) models in auxiliary form.
 
 The public surface: :func:`auxiliary` / :func:`check_auxiliary` (the non-centered form),
-:class:`Target` (a log density on unconstrained space), the sampler registry
-(:func:`samplers`, :func:`register_sampler`), :class:`MCMC`, the driver :func:`run`,
-:func:`infer` (one call, ArviZ out) and :func:`to_arviz`; :class:`SVI`; EM distillation
-(:func:`distill`, :class:`EMD`, :mod:`emdppl.teachers`, :mod:`emdppl.generators`).
+:class:`Problem` and :class:`Target` (a model, and its log density on unconstrained space), the
+sampler registry (:func:`samplers`, :func:`register_sampler`), :class:`MCMC`, the driver
+:func:`run`, :func:`infer` (one call, ArviZ out) and :func:`to_arviz`; :class:`SVI`; EM
+distillation (:func:`distill`, :class:`DistillConfig`, :class:`EMD`, :mod:`emdppl.emd`,
+:mod:`emdppl.teachers`, :mod:`emdppl.generators`).
+
+Layout, lower layers first (a module imports only from the lines above it):
+
+- ``base``: ``Algorithm(init, step)``, PRNG keys, pytree helpers.
+- ``timing``: wall and compile seconds (JAX monitoring events).
+- ``driver``: :func:`run`, any Algorithm in jitted ``lax.scan`` chunks; checkpoints, resume.
+- ``kernels/ula``: the unadjusted Langevin kernel, in blackjax's shape.
+- ``samplers``: the one sampler registry over blackjax kernels.
+- ``reparam``: the auxiliary form (one reparam family table for NumPyro and Pyro).
+- ``target``: :class:`Target`, a NumPyro model's log density and postprocessing.
+- ``problem``: :class:`Problem`, a model (NumPyro, Pyro or a Target) and its arguments; the
+  only module that tells backends apart.
+- ``inference_data``: the one adapter to ArviZ.
+- ``mcmc``, ``svi``: MCMC over many chains; SVI (AEVB), both as Algorithms with settings.
+- ``schedule``: the VE/EDM noise schedule and the teachers' ODE samplers.
+- ``losses``: denoising score matching, the M-step surrogate, its weighting.
+- ``teachers``, ``generators``: scores to distil; one-step generators.
+- ``distill_config``: :class:`DistillConfig`, every distillation setting, validated and frozen.
+- ``estep``: the E-step chains over the generator's latents, pure functions.
+- ``emd``: EM distillation as ``init`` / ``build_kernel`` / ``as_top_level_api``.
+- ``distillation``: the driver :func:`distill`, :class:`DistillResult`, :class:`EMD`.
+- ``infer``: :func:`infer`, one call for every algorithm.
+- ``bridge/``: torch and Pyro, imported lazily (callback, torch teacher, Pyro model, target, SVI).
+- ``models``, ``demo``, ``cli``: the bundled eight schools, ``emdppl demo``, the command line.
 """
 
-from emdppl import generators, teachers
+from emdppl import emd, generators, teachers
 from emdppl.base import Algorithm
-from emdppl.emd import EMD, DistillResult, distill
+from emdppl.distill_config import DistillConfig
+from emdppl.distillation import EMD, DistillResult, distill
+from emdppl.driver import run
 from emdppl.infer import infer
 from emdppl.inference_data import to_arviz
 from emdppl.mcmc import MCMC, mcmc_algorithm
+from emdppl.problem import Problem
 from emdppl.reparam import auxiliary, check_auxiliary
-from emdppl.driver import run
 from emdppl.samplers import get_sampler, register_sampler, samplers
 from emdppl.svi import SVI
 from emdppl.target import Target
@@ -26,11 +53,14 @@ __all__ = [
     "MCMC",
     "SVI",
     "Algorithm",
+    "DistillConfig",
     "DistillResult",
+    "Problem",
     "Target",
     "auxiliary",
     "check_auxiliary",
     "distill",
+    "emd",
     "generators",
     "get_sampler",
     "infer",

@@ -19,7 +19,7 @@ import jax
 PRNGKey = jax.Array
 PyTree = Any
 
-__all__ = ["Algorithm", "PRNGKey", "PyTree", "as_key"]
+__all__ = ["Algorithm", "PRNGKey", "PyTree", "as_key", "tree_all_finite"]
 
 
 class Algorithm(NamedTuple):
@@ -50,3 +50,13 @@ def as_key(rng_key: int | jax.Array) -> jax.Array:
         f"rng_key must be an int seed or a JAX PRNG key, got {type(rng_key).__name__} "
         f"with shape {getattr(rng_key, 'shape', None)}; pass e.g. rng_key=0 or jax.random.key(0)."
     )
+
+
+def tree_all_finite(tree: PyTree) -> jax.Array:
+    """Scalar bool: every inexact leaf of ``tree`` is finite (integer leaves are ignored)."""
+    leaves = [
+        jax.numpy.all(jax.numpy.isfinite(x))
+        for x in jax.tree.leaves(tree)
+        if jax.numpy.issubdtype(jax.numpy.result_type(x), jax.numpy.inexact)
+    ]
+    return jax.numpy.all(jax.numpy.stack(leaves)) if leaves else jax.numpy.asarray(True)

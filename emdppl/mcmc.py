@@ -11,7 +11,7 @@ from __future__ import annotations
 import time
 import warnings
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import equinox as eqx
 import jax
@@ -19,11 +19,14 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from emdppl.base import Algorithm, PRNGKey, PyTree, as_key
-from emdppl.inference_data import to_arviz
 from emdppl.driver import run
+from emdppl.inference_data import to_arviz
 from emdppl.samplers import Sampler, get_sampler
 from emdppl.target import Target
 from emdppl.timing import stopwatch
+
+if TYPE_CHECKING:
+    from emdppl.problem import Problem
 
 __all__ = ["MCMC", "MCMCResult", "MCMCState", "mcmc_algorithm"]
 
@@ -266,39 +269,19 @@ class MCMC:
         )
 
     def infer(
-        self,
-        model: Callable | Target,
-        *,
-        model_args: tuple = (),
-        model_kwargs: dict | None = None,
-        rng_key: int | PRNGKey = 0,
-        auxiliary: bool = True,
-        progress_bar: bool = True,
+        self, problem: Problem, *, rng_key: int | PRNGKey = 0, progress_bar: bool = True
     ) -> Any:
-        """Sample a NumPyro model's posterior (or a :class:`Target`) and return InferenceData.
-
-        See :func:`emdppl.infer`.
-        """
+        """Sample ``problem``'s posterior and return InferenceData; see :func:`emdppl.infer`."""
         target_key, sample_key = jax.random.split(as_key(rng_key))
         with stopwatch() as watch:
-            if isinstance(model, Target):
-                target = model
-            else:
-                target = Target.from_numpyro(
-                    model,
-                    model_args=model_args,
-                    model_kwargs=model_kwargs,
-                    num_chains=self.num_chains,
-                    rng_key=target_key,
-                    auxiliary=auxiliary,
-                )
+            target = problem.target(self.num_chains, target_key)
             result = self.sample(sample_key, target, progress_bar=progress_bar)
             posterior = target.postprocess(result.positions)
         attrs = {
             "algorithm": "mcmc",
             "sampler": self.sampler,
             "sampler_options": self.options,
-            "auxiliary": int(bool(auxiliary) and not isinstance(model, Target)),
+            "auxiliary": int(problem.is_auxiliary),
             "num_warmup": self.num_warmup,
             "thinning": self.thinning,
             "sampler_parameters": result.parameters,

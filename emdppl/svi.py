@@ -43,7 +43,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import equinox as eqx
 import jax
@@ -63,12 +63,15 @@ from numpyro.infer.autoguide import (
 from numpyro.infer.svi import SVIState as NumPyroSVIState
 from numpyro.optim import optax_to_numpyro
 
-from emdppl.base import Algorithm, PRNGKey, PyTree, as_key
+from emdppl.base import Algorithm, PRNGKey, PyTree, as_key, tree_all_finite
+from emdppl.driver import run
 from emdppl.inference_data import to_arviz
 from emdppl.reparam import auxiliary as make_auxiliary
-from emdppl.driver import run
 from emdppl.target import check_model_arguments
 from emdppl.timing import stopwatch
+
+if TYPE_CHECKING:
+    from emdppl.problem import Problem
 
 __all__ = [
     "GUIDES",
@@ -140,15 +143,6 @@ class SVIState(NamedTuple):
     failed_step: jax.Array
 
 
-def _all_finite(tree: PyTree) -> jax.Array:
-    leaves = [
-        jnp.all(jnp.isfinite(x))
-        for x in jax.tree.leaves(tree)
-        if jnp.issubdtype(jnp.result_type(x), jnp.inexact)
-    ]
-    return jnp.all(jnp.stack(leaves)) if leaves else jnp.asarray(True)
-
-
 class _SVIStep(eqx.Module):
     """``step(rng_key, state)``: one optimiser step on the ELBO; info = ``{"loss": -ELBO}``.
 
@@ -165,7 +159,7 @@ class _SVIStep(eqx.Module):
             svi_state = NumPyroSVIState(state.optim_state, state.mutable_state, rng_key)
             new, loss = self.svi.update(svi_state, *self.model_args, **self.model_kwargs)
             params = self.svi.optim.get_params(new.optim_state)
-            is_finite = jnp.isfinite(loss) & _all_finite(params)
+            is_finite = jnp.isfinite(loss) & tree_all_finite(params)
             keep = lambda a, b: jnp.where(is_finite, a, b)
             optim_state, mutable_state = jax.tree.map(
                 keep,
@@ -573,16 +567,10 @@ class SVI:
         return result
 
     def infer(
-        self,
-        model: Callable,
-        *,
-        model_args: tuple = (),
-        model_kwargs: dict | None = None,
-        rng_key: int | PRNGKey = 0,
-        auxiliary: bool = True,
-        progress_bar: bool = True,
+        self, problem: Problem, *, rng_key: int | PRNGKey = 0, progress_bar: bool = True
     ) -> Any:
-        """Fit the guide and return InferenceData; see :func:`emdppl.infer`.
+        """Fit the guide to ``problem``'s NumPyro model and return InferenceData; see
+        :func:`emdppl.infer`.
 
         Returns
         -------
@@ -596,20 +584,20 @@ class SVI:
             ``params`` (the fitted constrained parameters, JSON), ``fit_seconds``,
             ``sampling_seconds``, ``wall_seconds``, ``compile_seconds``, library versions.
         """
-        if not callable(model):
+        if problem.backend == "target":
             raise TypeError(
                 "emdppl.SVI needs a NumPyro model (a callable), not a Target: a guide is "
-                f"defined on a model's sample sites; got {type(model).__name__}."
+                "defined on a model's sample sites."
             )
         fit_key, sample_key = jax.random.split(as_key(rng_key))
         with stopwatch() as watch:
             with stopwatch() as fit_watch:
                 result = self.fit(
                     fit_key,
-                    model,
-                    model_args=model_args,
-                    model_kwargs=model_kwargs,
-                    auxiliary=auxiliary,
+                    problem.model,
+                    model_args=problem.model_args,
+                    model_kwargs=problem.model_kwargs,
+                    auxiliary=problem.auxiliary,
                     progress_bar=progress_bar,
                 )
             with stopwatch() as sample_watch:
@@ -622,7 +610,7 @@ class SVI:
             "loss": self.loss if isinstance(self.loss, str) else type(self.loss).__name__,
             "num_steps": self.num_steps,
             "num_particles": self.num_particles,
-            "auxiliary": int(bool(auxiliary)),
+            "auxiliary": int(problem.auxiliary),
             "final_loss": float(np.mean(result.losses[-tail:])),
             "params": _jsonable(result.params),
             "fit_seconds": fit_watch.wall_seconds,

@@ -36,6 +36,7 @@ from jax.flatten_util import ravel_pytree
 from emdppl import schedule
 from emdppl.base import Algorithm, PRNGKey, as_key
 from emdppl.driver import run
+from emdppl.losses import dsm_loss
 
 __all__ = [
     "AbstractTeacher",
@@ -44,9 +45,7 @@ __all__ = [
     "GaussianMixture",
     "EDMNetwork",
     "density_teacher",
-    "dsm_loss",
     "from_model",
-    "from_torch",
     "laplace_smoothed_score",
     "train_diffusion",
 ]
@@ -265,28 +264,22 @@ class DiffusionModel(AbstractTeacher):
         return self.sample_ode(rng_key, n, num_steps=num_steps, solver=solver)
 
 
-def dsm_loss(model: DiffusionModel, x: jax.Array, sigma: jax.Array, noise: jax.Array) -> jax.Array:
-    r"""EDM denoising score matching, :math:`\mathrm{mean}_b\, \lambda(\sigma_b)
-    \|D(x_b + \sigma_b n_b, \sigma_b) - x_b\|^2`,
-    :math:`\lambda = (\sigma^2+\sigma_d^2)/(\sigma\sigma_d)^2`.
-
-    ``x`` and ``noise`` have shape ``(B, d)``, ``sigma`` shape ``(B,)``.
-    """
-    denoised = jax.vmap(model.denoise)(x + sigma[:, None] * noise, sigma)
-    weight = (sigma**2 + model.sigma_data**2) / (sigma * model.sigma_data) ** 2
-    return jnp.mean(weight * jnp.sum((denoised - x) ** 2, axis=-1))
-
-
 def sample_training_sigma(rng_key: PRNGKey, shape: tuple[int, ...], sigma_data: float) -> jax.Array:
     """EDM's log-normal training noise, shifted to data scale ``sigma_data`` (EDM uses 0.5)."""
     return schedule.sample_log_normal(rng_key, shape, p_mean=-1.2 + np.log(sigma_data / 0.5))
 
 
 class _DSMStep(eqx.Module):
+    """Teacher training as an :class:`~emdppl.base.Algorithm`: state ``(params, opt_state)``."""
+
     static: Any
     data: jax.Array
     optimizer: optax.GradientTransformation
     batch_size: int = eqx.field(static=True)
+
+    def init(self, params: Any, rng_key: PRNGKey | None = None) -> tuple:
+        """``(params, optimizer state)``; the key is unused (initialisation is deterministic)."""
+        return params, self.optimizer.init(params)
 
     def step(self, rng_key: PRNGKey, state: tuple) -> tuple[tuple, jax.Array]:
         params, opt_state = state
@@ -356,12 +349,12 @@ def train_diffusion(
     params, static = eqx.partition(model, eqx.is_inexact_array)
     optimizer = optax.adam(optax.cosine_decay_schedule(learning_rate, num_steps, alpha=0.05))
     stepper = _DSMStep(static, data, optimizer, batch_size)
-    algorithm = Algorithm(init=lambda position, rng_key: None, step=stepper.step)
+    algorithm = Algorithm(init=stepper.init, step=stepper.step)
     (params, _), _ = run(
         run_key,
         algorithm,
         num_steps,
-        (params, optimizer.init(params)),
+        algorithm.init(params, init_key),
         progress_bar=progress_bar,
         desc="training teacher",
     )
@@ -436,12 +429,12 @@ def from_model(
     rng_key: int | PRNGKey = 0,
     sigma_max: float = 0.5,
 ) -> DensityTeacher:
-    """A NumPyro model's posterior, on the unconstrained (auxiliary) space, as a teacher.
+    """A NumPyro or Pyro model's posterior, on the unconstrained (auxiliary) space, as a teacher.
 
     Parameters
     ----------
     model, model_args, model_kwargs
-        The NumPyro model and its arguments (observed data).
+        The model (NumPyro or Pyro, see :class:`emdppl.Problem`) and its arguments.
     auxiliary
         Write the model in auxiliary (non-centred) form first.
     rng_key
@@ -460,17 +453,12 @@ def from_model(
     --------
     >>> teacher = emdppl.teachers.from_model(eight_schools, model_kwargs=data)  # doctest: +SKIP
     """
-    from emdppl.target import Target
+    from emdppl.problem import Problem
 
-    target = Target.from_numpyro(
-        model,
-        model_args=model_args,
-        model_kwargs=model_kwargs,
-        num_chains=1,
-        rng_key=rng_key,
-        auxiliary=auxiliary,
+    problem = Problem.of(
+        model, model_args=model_args, model_kwargs=model_kwargs, auxiliary=auxiliary
     )
-    return density_teacher(target, sigma_max=sigma_max)
+    return density_teacher(problem.target(1, as_key(rng_key)), sigma_max=sigma_max)
 
 
 def density_teacher(target: Any, *, sigma_max: float = 0.5) -> DensityTeacher:
@@ -490,10 +478,18 @@ def density_teacher(target: Any, *, sigma_max: float = 0.5) -> DensityTeacher:
 
 
 def __getattr__(name: str):
-    """``teachers.from_torch``: the torch teacher lives in :mod:`emdppl.bridge` (torch is
-    optional) and is imported on first use, so this module never imports the bridge."""
+    """``teachers.from_torch``, deprecated: the torch teacher is
+    :func:`emdppl.bridge.from_torch` (torch is optional); this alias goes in 0.3."""
     if name == "from_torch":
+        import warnings
+
         from emdppl.bridge.torch_teacher import from_torch
 
+        warnings.warn(
+            "emdppl.teachers.from_torch is deprecated; use emdppl.bridge.from_torch (it will be "
+            "removed in 0.3).",
+            DeprecationWarning,
+            stacklevel=2,
+        )
         return from_torch
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

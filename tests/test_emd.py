@@ -14,7 +14,8 @@ import optax
 import pytest
 
 import emdppl
-from emdppl import emd, generators, teachers
+from emdppl import distillation, emd, generators, losses, teachers
+from emdppl import estep as estep_module
 
 RUN = importlib.import_module("emdppl.driver")
 
@@ -27,6 +28,39 @@ def _gaussian_teacher(mu=1.5, s=0.7):
 
 def _affine(a, b):
     return generators.affine(1, loc=jnp.array([b]), scale=a)
+
+
+class _Built:
+    """The pure pieces of emdppl.emd for one teacher, generator and configuration."""
+
+    def __init__(self, teacher, generator, student=None, **options):
+        self.teacher = teacher
+        self.config = emdppl.DistillConfig(**options).for_teacher(teacher)
+        if student is None:
+            student = emd.default_student(teacher, generator, jax.random.key(0))
+        emd.check_inputs(teacher, generator, student, self.config)
+        self.kernel = emd.build_kernel(self.config, generator, student)
+        self.state = emd.init(generator, student, self.config)
+        self.generator_static = self.kernel.generator_static
+        self.student_static = self.kernel.student_static
+
+    def draw(self, rng_key):
+        return estep_module.draw(rng_key, self.config, self.kernel.data_dim, self.kernel.latent_dim)
+
+    def estep(self, rng_key, theta, psi, sigma, eps0, z0):
+        target = self.kernel.estep_target(self.teacher, theta, psi)
+        parameters = self.kernel.sampler_parameters
+        return estep_module.estep(rng_key, self.config, target, sigma, eps0, z0, parameters)
+
+    def generator_loss(self, theta, z, eps_tilde, sigma):
+        return losses.generator_loss(
+            self.kernel.generate, theta, z, eps_tilde, sigma, self.config.weighting
+        )
+
+
+def _build(teacher, generator, **options):
+    built = _Built(teacher, generator, **options)
+    return built, built.state
 
 
 def _per_sample_grads(distiller, theta, result, sigma):
@@ -54,7 +88,7 @@ def test_diff_instruct_identity_exact_for_same_draws():
     teacher = teachers.GaussianMixture(locs, jnp.array([0.3, 0.5]), jnp.array([0.4, 0.6]))
     generator = generators.mlp(2, 3, key=jax.random.key(0), width=32, depth=2)
     gamma = 0.13
-    distiller, state = emd.build_distiller(
+    distiller, state = _build(
         teacher,
         generator,
         method="diff_instruct",
@@ -86,7 +120,7 @@ def test_zero_mcmc_steps_has_zero_expected_gradient():
     """K=0: samples from q itself, E[grad] = 0 (§6.3); with cancellation identically 0."""
     teacher = _gaussian_teacher()
     for cancellation in ("none", "full"):
-        distiller, state = emd.build_distiller(
+        distiller, state = _build(
             teacher,
             _affine(0.4, -0.3),
             num_estep_steps=0,
@@ -108,7 +142,7 @@ def test_zero_mcmc_steps_has_zero_expected_gradient():
 def test_long_chain_gradient_is_forward_kl_gradient(sampler, num_steps, step_size):
     """§9a: a converged E-step makes the M-step gradient the forward-KL gradient."""
     mu, s, a, b, sigma0 = 1.5, 0.7, 0.4, -0.3, 0.6
-    distiller, state = emd.build_distiller(
+    distiller, state = _build(
         _gaussian_teacher(mu, s),
         _affine(a, b),
         estep_sampler=sampler,
@@ -139,7 +173,7 @@ def test_mala_estep_never_uses_a_stale_cache():
     """The sampler state is rebuilt on the current theta at every E-step: after theta moves
     (large lr), MALA's cached log density still equals the current target at the chain's end,
     and acceptance stays high (a cache from the previous theta gives wrong MH ratios)."""
-    result = emd.distill(
+    result = emdppl.distill(
         _gaussian_teacher(),
         _affine(0.4, -0.3),
         estep_sampler="mala",
@@ -166,7 +200,7 @@ def _two_mode_teacher():
 
 
 def _coverage_run(method, **kwargs):
-    return emd.distill(
+    return emdppl.distill(
         _two_mode_teacher(),
         _affine(0.5, 1.0),
         method=method,
@@ -232,7 +266,7 @@ def _short_run(teacher, num_steps, **kwargs):
         "rng_key": 0,
         **kwargs,
     }
-    return emd.distill(teacher, _affine(0.4, -0.3), **kwargs)
+    return emdppl.distill(teacher, _affine(0.4, -0.3), **kwargs)
 
 
 def test_no_recompilation_across_steps():
@@ -299,9 +333,9 @@ def test_estep_idata_and_diff_instruct_argument_check():
     assert np.all(np.isfinite(rhat["eps"].values))
     assert result.sample(jax.random.key(0), 7).shape == (7, 1)
     with pytest.raises(ValueError, match="diff_instruct"):
-        emd.distill(_counting(), method="diff_instruct", num_estep_steps=4)
+        emdppl.distill(_counting(), method="diff_instruct", num_estep_steps=4)
     with pytest.raises(ValueError, match="needs the E-step log density"):
-        emd.distill(_counting(), generators.mlp(1, key=jax.random.key(0)), estep_sampler="mala")
+        emdppl.distill(_counting(), generators.mlp(1, key=jax.random.key(0)), estep_sampler="mala")
 
 
 def test_distilled_eight_schools_matches_posteriordb():
@@ -324,7 +358,7 @@ def test_distilled_eight_schools_matches_posteriordb():
             numpyro.sample("y", dist.Normal(theta, sigma), obs=y)
 
     data = {k: jnp.asarray(v, jnp.float32) for k, v in reference["data"].items() if k != "J"}
-    config = emd.EMD(num_steps=400, num_samples=8000, batch_size=128, num_estep_steps=8)
+    config = emdppl.EMD(num_steps=400, num_samples=8000, batch_size=128, num_estep_steps=8)
     idata = emdppl.infer(eight_schools, config, model_kwargs=data, rng_key=0, progress_bar=False)
     post = idata.posterior
     assert post["theta"].shape[:2] == (4, 2000) and "estep_posterior" in idata.groups()
@@ -353,7 +387,7 @@ def test_estep_gradient_clip_keeps_an_unstable_chain_bounded():
     )
     results = {}
     for clip in (None, 5.0):
-        distiller, state = emd.build_distiller(
+        distiller, state = _build(
             teacher, _affine(1.0, 0.0), estep_grad_clip=clip, **options
         )
         sigma, eps0, z0 = distiller.draw(jax.random.key(0))
@@ -364,19 +398,19 @@ def test_estep_gradient_clip_keeps_an_unstable_chain_bounded():
     # 8 drift steps of at most step * 5 * sqrt(n) each, plus the Gaussian noise
     assert np.all(np.isfinite(clipped)) and clipped.max() < 20
     with pytest.raises(ValueError, match="estep_grad_clip"):
-        emd.build_distiller(teacher, _affine(1.0, 0.0), estep_grad_clip=0.0)
+        _build(teacher, _affine(1.0, 0.0), estep_grad_clip=0.0)
 
 
 def test_one_step_emd_with_cancellation_and_z_sampled_warns():
     teacher = _gaussian_teacher()
     with pytest.warns(UserWarning, match=r"K=1, z sampled and noise_cancellation='full'"):
-        emd.build_distiller(teacher, _affine(1.0, 0.0), num_estep_steps=1, update_z=True,
+        _build(teacher, _affine(1.0, 0.0), num_estep_steps=1, update_z=True,
                             noise_cancellation="full")
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # the valid neighbours do not warn
-        emd.build_distiller(teacher, _affine(1.0, 0.0), num_estep_steps=1, update_z=True,
+        _build(teacher, _affine(1.0, 0.0), num_estep_steps=1, update_z=True,
                             noise_cancellation="none")
-        emd.build_distiller(teacher, _affine(1.0, 0.0), method="diff_instruct")
+        _build(teacher, _affine(1.0, 0.0), method="diff_instruct")
 
 
 def test_z_chain_drift_warns():
@@ -384,7 +418,7 @@ def test_z_chain_drift_warns():
     healthy = np.concatenate([np.full(90, 3.0), np.full(10, 1.2)])  # only the last tenth counts
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        emd._warn_z_drift(healthy, update_z=True)
-        emd._warn_z_drift(np.full(100, 1.9), update_z=False)  # z frozen: nothing to say
+        distillation._warn_z_drift(healthy, update_z=True)
+        distillation._warn_z_drift(np.full(100, 1.9), update_z=False)  # z frozen: nothing to say
     with pytest.warns(RuntimeWarning, match=r"RMS of z\^K 1.9.*Lower z_step_scale"):
-        emd._warn_z_drift(np.full(100, 1.9), update_z=True)
+        distillation._warn_z_drift(np.full(100, 1.9), update_z=True)

@@ -1,0 +1,399 @@
+r"""The distillation driver: :func:`distill`, its :class:`DistillResult`, and :class:`EMD`, a
+model's posterior distilled into a one-step generator through :func:`emdppl.infer`.
+
+:func:`distill` builds the algorithm of :mod:`emdppl.emd` from a
+:class:`~emdppl.distill_config.DistillConfig`, warms up the student, runs it with
+:func:`emdppl.run` (progress bar, checkpoints, resume), checks the run (NaN stop, z drift) and
+probes E-step chains at the final parameters for ArviZ diagnostics.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import warnings
+from typing import TYPE_CHECKING, Any
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.flatten_util import ravel_pytree
+
+from emdppl import emd
+from emdppl import generators as generators_module
+from emdppl.base import Algorithm, PRNGKey, as_key
+from emdppl.distill_config import DistillConfig
+from emdppl.driver import checkpoint_exists, run
+from emdppl.estep import run_chain
+from emdppl.teachers import AbstractTeacher, DensityTeacher, DiffusionModel, density_teacher
+
+if TYPE_CHECKING:
+    from emdppl.problem import Problem
+
+__all__ = ["EMD", "DistillResult", "distill"]
+
+GENERATORS = ("sinh_arcsinh", "maf", "affine", "mlp")
+
+#: ``z_rms`` (last tenth of the run, median) above which the z chains are called unstable
+#: (values on working and failing runs: benchmarks/README.md, "z_rms").
+MAX_Z_RMS = 1.5
+
+
+@eqx.filter_jit
+def _probe(kernel, teacher, state: emd.EMDState, rng_key, sigmas, num_chains: int, num_draws: int):
+    """E-step chains at the final parameters for each probe sigma: ``{"eps", "z"}`` with leaves
+    ``(chain, draw, probe, ...)`` and the acceptance ``(chain, draw, probe)``."""
+    num_probes = sigmas.shape[0]
+    k_eps, k_z, k_chain = jax.random.split(rng_key, 3)
+    eps0 = jax.random.normal(k_eps, (num_probes, num_chains, kernel.data_dim))
+    z0 = jax.random.normal(k_z, (num_probes, num_chains, kernel.latent_dim))
+    keys = jax.random.split(k_chain, (num_probes, num_chains))
+    target = kernel.estep_target(teacher, state.theta, state.psi)
+
+    def one(key, sigma, e, z):
+        parameters = kernel.sampler_parameters
+        return run_chain(key, kernel.config, target, sigma, e, z, num_draws, parameters, True)[1]
+
+    per_chain = jax.vmap(one, in_axes=(0, None, 0, 0))
+    trace = jax.vmap(per_chain, in_axes=(0, 0, 0, 0))(keys, sigmas, eps0, z0)
+    return jax.tree.map(lambda x: jnp.moveaxis(x, 0, 2), trace)
+
+
+@eqx.filter_jit
+def _sample(generator: generators_module.AbstractGenerator, rng_key: PRNGKey, n: int):
+    z = jax.random.normal(rng_key, (n, generator.latent_dim))
+    return jax.vmap(generator)(z)
+
+
+@dataclasses.dataclass(frozen=True)
+class DistillResult:
+    """Outcome of :func:`distill`.
+
+    Attributes
+    ----------
+    generator
+        The trained generator module.
+    student
+        The trained student score model (``None`` for a generator with ``marginal_score``).
+    history
+        ``{name: array (num_steps,)}`` of :class:`~emdppl.emd.EMDInfo` fields.
+    estep_idata
+        ArviZ data of E-step chains at the final ``theta``: posterior ``eps`` and ``z`` with dims
+        ``(chain, draw, probe, ...)``, one probe per noise level in ``attrs["probe_sigmas"]``.
+    state
+        The final :class:`~emdppl.emd.EMDState`.
+    config
+        The :class:`~emdppl.distill_config.DistillConfig` of the run (noise range filled in).
+    """
+
+    generator: Any
+    student: Any
+    history: dict
+    estep_idata: Any
+    state: emd.EMDState
+    config: DistillConfig | None = None
+
+    def sample(self, rng_key: int | PRNGKey, n: int) -> jax.Array:
+        """``n`` one-step draws ``g(z)`` of shape ``(n, d)`` (one network evaluation each)."""
+        return _sample(self.generator, as_key(rng_key), int(n))
+
+
+def _default_generator(teacher: AbstractTeacher, key: PRNGKey):
+    if isinstance(teacher, DensityTeacher):
+        return generators_module.sinh_arcsinh(teacher.data_dim)
+    return generators_module.from_teacher(teacher, key=key)
+
+
+def distill(
+    teacher: AbstractTeacher,
+    generator: generators_module.AbstractGenerator | None = None,
+    *,
+    config: DistillConfig | None = None,
+    student: DiffusionModel | None = None,
+    rng_key: int | PRNGKey = 0,
+    checkpoint_dir: str | os.PathLike | None = None,
+    progress_bar: bool = True,
+    **options: Any,
+) -> DistillResult:
+    r"""Distil ``teacher`` into a one-step ``generator`` by EM distillation (or Diff-Instruct).
+
+    Parameters
+    ----------
+    teacher
+        An :class:`~emdppl.teachers.AbstractTeacher` (score on the VE schedule).
+    generator
+        An :class:`~emdppl.generators.AbstractGenerator`; default
+        :func:`~emdppl.generators.from_teacher` (or :func:`~emdppl.generators.sinh_arcsinh` for a
+        :class:`~emdppl.teachers.DensityTeacher`).
+    config, **options
+        A :class:`~emdppl.distill_config.DistillConfig`, and/or its fields as keywords
+        (``method="diff_instruct"``, ``num_steps=``, ``num_estep_steps=``, ...), which replace
+        those of ``config``.
+    student
+        Initial student score model; default :func:`emdppl.emd.default_student` (a copy of a
+        :class:`~emdppl.teachers.DiffusionModel` teacher, else a fresh
+        :class:`~emdppl.teachers.EDMNetwork`). Unused for generators with ``marginal_score``.
+    rng_key
+        Seed or key; every random number derives from it.
+    checkpoint_dir
+        Checkpoint after every chunk and resume from it (:func:`emdppl.run`).
+    progress_bar
+        Show progress.
+
+    Returns
+    -------
+    DistillResult
+
+    Examples
+    --------
+    >>> teacher = emdppl.teachers.GaussianMixture(locs, scales, weights)  # doctest: +SKIP
+    >>> result = emdppl.distill(teacher, method="emd", rng_key=0)  # doctest: +SKIP
+    >>> x = result.sample(jax.random.key(1), 10_000)  # doctest: +SKIP
+    """
+    config = DistillConfig.from_options(config, **options)
+    if not isinstance(teacher, AbstractTeacher):
+        emd.check_inputs(teacher, generator, student, config)  # raises the TypeError
+    config = config.for_teacher(teacher)
+    k_build, k_warmup, k_run, k_probe = jax.random.split(as_key(rng_key), 4)
+    k_generator, k_student = jax.random.split(k_build)
+    if generator is None:
+        generator = _default_generator(teacher, k_generator)
+    if student is None and isinstance(generator, generators_module.AbstractGenerator):
+        student = emd.default_student(teacher, generator, k_student)
+    elif hasattr(generator, "marginal_score"):
+        student = None  # the generator is its own (exact) student
+    algorithm = emd.as_top_level_api(teacher, generator, student, config)
+    state = algorithm.init(generator, k_build)
+    if student is not None and config.student_warmup_steps and not checkpoint_exists(
+        checkpoint_dir
+    ):
+        warmup = Algorithm(algorithm.init, emd.build_student_kernel(config, generator, student))
+        state, _ = run(
+            k_warmup,
+            warmup,
+            config.student_warmup_steps,
+            state,
+            progress_bar=progress_bar,
+            desc="student warm-up",
+        )
+    state, trace = run(
+        k_run,
+        algorithm,
+        config.num_steps,
+        state,
+        progress_bar=progress_bar,
+        desc=f"distilling ({config.method})",
+        checkpoint_dir=checkpoint_dir,
+    )
+    _check_stopped(state, config, checkpoint_dir)
+    history = {name: np.asarray(value) for name, value in trace._asdict().items()}
+    _warn_z_drift(history["z_rms"], config.update_z)
+    kernel = algorithm.step.kernel
+    estep_idata = _probe_idata(kernel, teacher, state, k_probe) if config.num_probe_draws else None
+    return DistillResult(
+        eqx.combine(state.theta, kernel.generator_static),
+        None if student is None else eqx.combine(state.psi, kernel.student_static),
+        history,
+        estep_idata,
+        state,
+        config,
+    )
+
+
+def _check_stopped(state: emd.EMDState, config: DistillConfig, checkpoint_dir) -> None:
+    if int(state.consecutive_skipped) < config.max_consecutive_nan:
+        return
+    where = f" and in the checkpoint in {checkpoint_dir}" if checkpoint_dir is not None else ""
+    raise FloatingPointError(
+        f"distillation stopped: {config.max_consecutive_nan} consecutive steps produced NaN/inf "
+        f"(teacher or student scores, loss or gradients); {int(state.num_skipped)} steps were "
+        f"skipped in all. The last finite parameters are kept in the state{where}. Check the "
+        f"teacher's score on sigma in [{config.sigma_min:.3g}, {config.sigma_max:.3g}] and lower "
+        "the learning rate or estep_step_size."
+    )
+
+
+def _warn_z_drift(z_rms: np.ndarray, update_z: bool) -> None:
+    """Warn when the E-step's z chains ended far from N(0, I) over the last tenth of the run."""
+    tail = z_rms[-max(1, len(z_rms) // 10) :]
+    tail = tail[np.isfinite(tail)]
+    if not update_z or tail.size == 0 or np.median(tail) <= MAX_Z_RMS:
+        return
+    warnings.warn(
+        f"the E-step's z chains drift far from N(0, I) (RMS of z^K {np.median(tail):.3g}, "
+        f"over the last tenth of the run; about 1 when they mix): the z step is too large for "
+        "this teacher and the generator is trained on latents it never sees when sampling. "
+        "Lower z_step_scale / max_z_step (e.g. 10x) or set update_z=False.",
+        RuntimeWarning,
+        stacklevel=3,
+    )
+
+
+def _probe_idata(kernel, teacher, state: emd.EMDState, rng_key: PRNGKey) -> Any:
+    """ArviZ data of E-step chains at the final parameters, at 3 noise levels."""
+    from emdppl.inference_data import to_arviz
+
+    config = kernel.config
+    probe_sigmas = jnp.exp(jnp.linspace(jnp.log(config.sigma_min), jnp.log(config.sigma_max), 3))
+    trajectory, acceptance = _probe(
+        kernel,
+        teacher,
+        state,
+        rng_key,
+        probe_sigmas,
+        config.num_probe_chains,
+        config.num_probe_draws,
+    )
+    posterior = {name: np.asarray(x) for name, x in trajectory.items()}
+    sample_stats = {}
+    if not bool(jnp.all(jnp.isnan(acceptance))):
+        sample_stats["acceptance_rate"] = np.asarray(acceptance)
+    attrs = {
+        "algorithm": f"emdppl.distill E-step chains ({config.method})",
+        "estep_sampler": config.estep_sampler,
+        "num_estep_steps": config.num_estep_steps,
+        "probe_sigmas": [float(s) for s in probe_sigmas],
+    }
+    return to_arviz(posterior, sample_stats or None, attrs)
+
+
+# ------------------------------------------------------------------------------------------
+# emdppl.infer(model, EMD(...)): a posterior distilled into a one-step generator.
+
+#: The posterior preset of :class:`EMD`. The posterior's noise range is narrow
+#: (sigma in [sigma_max / 10, sigma_max] = [0.05, 0.5]), so the z step is a constant:
+#: ``z_step_scale=200`` makes ``min(200 sigma^2, max_z_step) = max_z_step = 0.05`` there. It only
+#: matters with ``update_z=True``.
+POSTERIOR_CONFIG = DistillConfig(
+    num_steps=1000,
+    batch_size=128,
+    num_estep_steps=8,
+    z_step_scale=200.0,
+    max_z_step=0.05,
+    update_z=False,
+)
+
+
+class EMD:
+    r"""EM distillation of a model's posterior, for :func:`emdppl.infer`.
+
+    The posterior (unconstrained, auxiliary space) is the teacher
+    (:func:`emdppl.teachers.density_teacher`, Laplace-smoothed score for ``sigma`` in
+    ``[sigma_max / 10, sigma_max]``). The default generator is
+    :func:`emdppl.generators.sinh_arcsinh` (a small flow whose smoothed score is computed, so no
+    student network); ``"maf"`` a masked autoregressive flow, ``"affine"`` a full-rank Gaussian,
+    ``"mlp"`` an MLP with a learned student score. It is distilled with a cosine-decayed Adam
+    learning rate. ``num_samples`` one-step draws are returned as ``num_chains`` chains of
+    ``num_samples // num_chains`` draws.
+
+    **z frozen by default.** ``update_z=False`` (with full noise cancellation) runs the E-step on
+    :math:`\varepsilon` only: the K-step generalisation of Diff-Instruct (injected noise
+    cancelled exactly), closer to a reverse-KL fit. ``update_z=True`` samples z too: the
+    forward-KL, mass-covering fit, which over-disperses for a posterior the generator family
+    cannot represent exactly (measurements: benchmarks/README.md).
+
+    Parameters
+    ----------
+    num_samples, num_chains
+        Draws returned, split into chains.
+    learning_rate
+        Peak Adam learning rate (cosine decay to 1% over ``num_steps``); ignored when
+        ``optimizer=`` is given.
+    sigma_max
+        Largest noise level of the posterior teacher.
+    generator
+        One of ``"sinh_arcsinh"``, ``"maf"``, ``"affine"``, ``"mlp"``.
+    config, **options
+        A :class:`~emdppl.distill_config.DistillConfig` (default :data:`POSTERIOR_CONFIG`) and
+        field overrides (``num_steps=``, ``update_z=``, ...).
+
+    Examples
+    --------
+    >>> idata = emdppl.infer(model, emdppl.EMD(num_steps=1500), model_kwargs=data)  # doctest: +SKIP
+    """
+
+    def __init__(
+        self,
+        *,
+        num_samples: int = 1000,
+        num_chains: int = 4,
+        learning_rate: float = 0.02,
+        sigma_max: float = 0.5,
+        generator: str = "sinh_arcsinh",
+        config: DistillConfig | None = None,
+        **options: Any,
+    ) -> None:
+        if generator not in GENERATORS:
+            raise ValueError(f"generator must be one of {GENERATORS}, got {generator!r}.")
+        if num_chains < 1 or num_samples < num_chains or num_samples % num_chains:
+            raise ValueError(
+                f"num_samples={num_samples} must be a positive multiple of "
+                f"num_chains={num_chains} (>= 1)."
+            )
+        if not sigma_max > 0 or not learning_rate > 0:
+            raise ValueError(
+                f"sigma_max={sigma_max} and learning_rate={learning_rate} must be > 0."
+            )
+        self.num_samples = int(num_samples)
+        self.num_chains = int(num_chains)
+        self.learning_rate = float(learning_rate)
+        self.sigma_max = float(sigma_max)
+        self.generator = generator
+        self._has_optimizer = "optimizer" in options
+        self.config = DistillConfig.from_options(config or POSTERIOR_CONFIG, **options)
+
+    def __repr__(self) -> str:
+        return (
+            f"EMD(num_samples={self.num_samples}, num_chains={self.num_chains}, "
+            f"learning_rate={self.learning_rate}, sigma_max={self.sigma_max}, "
+            f"generator={self.generator!r}, config={self.config!r})"
+        )
+
+    def _generator(self, data_dim: int, key: PRNGKey) -> generators_module.AbstractGenerator:
+        if self.generator == "maf":
+            return generators_module.maf(data_dim, key=key)
+        if self.generator == "mlp":
+            return generators_module.mlp(data_dim, key=key)
+        return getattr(generators_module, self.generator)(data_dim)
+
+    def infer(self, problem: Problem, *, rng_key: int | PRNGKey = 0, progress_bar: bool = True):
+        """Distil ``problem``'s posterior into a one-step generator and sample it.
+
+        Returns an ``arviz.InferenceData`` with the posterior's model sites (constrained) under
+        dims ``(chain, draw, ...)`` like MCMC, and the E-step chains as group ``estep_posterior``.
+        """
+        from emdppl.inference_data import to_arviz
+
+        k_target, k_distill, k_sample = jax.random.split(as_key(rng_key), 3)
+        target = problem.target(1, k_target)
+        teacher = density_teacher(target, sigma_max=self.sigma_max)
+        config = self.config
+        if not self._has_optimizer:
+            schedule = optax.cosine_decay_schedule(self.learning_rate, config.num_steps, alpha=0.01)
+            config = dataclasses.replace(config, optimizer=optax.adam(schedule))
+        generator = self._generator(teacher.data_dim, jax.random.fold_in(k_distill, 1))
+        result = distill(
+            teacher, generator, config=config, rng_key=k_distill, progress_bar=progress_bar
+        )
+        flat = result.sample(k_sample, self.num_samples)
+        _, unravel = ravel_pytree(jax.tree.map(lambda x: x[0], target.initial_position))
+        positions = jax.vmap(unravel)(flat)
+        positions = jax.tree.map(lambda x: x.reshape(self.num_chains, -1, *x.shape[1:]), positions)
+        posterior = {k: np.asarray(v) for k, v in target.postprocess(positions).items()}
+        attrs = {
+            "algorithm": "emd",
+            "num_steps": config.num_steps,
+            "estep_sampler": config.estep_sampler,
+            "num_estep_steps": config.num_estep_steps,
+            "update_z": int(config.update_z),
+            "noise_cancellation": config.noise_cancellation,
+            "num_skipped_steps": int(result.state.num_skipped),
+            "auxiliary": int(problem.is_auxiliary),
+        }
+        estep = result.estep_idata.posterior if result.estep_idata is not None else None
+        groups = {}
+        if estep is not None:
+            groups["estep_posterior"] = {name: np.asarray(estep[name].values) for name in estep}
+        return to_arviz(posterior, None, attrs, **groups)
