@@ -181,16 +181,16 @@ class _Kernel(_Networks):
     def __call__(
         self, rng_key: PRNGKey, state: EMDState, teacher: AbstractTeacher
     ) -> tuple[EMDState, EMDInfo]:
-        def update(rng_key, state, teacher):
+        def update(rng_key, state):  # the teacher is closed over: it may hold functions
             return self._update(rng_key, state, teacher)
 
-        def stopped(rng_key, state, teacher):  # a no-op with info of the same dtypes (x64 too)
-            _, info = jax.eval_shape(update, rng_key, state, teacher)
+        def stopped(rng_key, state):  # a no-op with info of the same dtypes (x64 too)
+            _, info = jax.eval_shape(update, rng_key, state)
             nan = jax.tree.map(lambda x: jnp.full(x.shape, jnp.nan, x.dtype), info)
             return state, nan._replace(is_skipped=jnp.asarray(True))
 
         is_stopped = state.consecutive_skipped >= self.config.max_consecutive_nan
-        return jax.lax.cond(is_stopped, stopped, update, rng_key, state, teacher)
+        return jax.lax.cond(is_stopped, stopped, update, rng_key, state)
 
     def _update(self, rng_key, state: EMDState, teacher) -> tuple[EMDState, EMDInfo]:
         config = self.config

@@ -1,5 +1,6 @@
 """EM distillation: identities of docs/EMD.md (§6, §9), robustness, resume, eight schools."""
 
+import dataclasses
 import importlib
 import json
 import warnings
@@ -422,3 +423,59 @@ def test_z_chain_drift_warns():
         distillation._warn_z_drift(np.full(100, 1.9), update_z=False)  # z frozen: nothing to say
     with pytest.warns(RuntimeWarning, match=r"RMS of z\^K 1.9.*Lower z_step_scale"):
         distillation._warn_z_drift(np.full(100, 1.9), update_z=True)
+
+
+def test_distill_config_is_validated_frozen_and_keeps_what_was_asked():
+    config = emdppl.DistillConfig(num_steps=50, update_z=False)
+    assert config.noise_cancellation == "full"  # the default for frozen z
+    # replacing update_z re-derives the cancellation the user did not choose
+    assert emdppl.DistillConfig.from_options(config, update_z=True).noise_cancellation == "none"
+    explicit = emdppl.DistillConfig(noise_cancellation="initial")
+    assert emdppl.DistillConfig.from_options(explicit, num_steps=3).noise_cancellation == "initial"
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        config.num_steps = 3
+    same = dict(optimizer=config.optimizer, student_optimizer=config.student_optimizer)
+    assert hash(config) == hash(emdppl.DistillConfig(num_steps=50, update_z=False, **same))
+    for bad, match in [
+        (dict(num_steps=0), "num_steps must be an integer >= 1"),
+        (dict(batch_size=2.5), "batch_size"),
+        (dict(method="em"), "method must be one of"),
+        (dict(noise_cancellation="some"), "noise_cancellation"),
+        (dict(sigma_range=(1.0, 0.5)), "sigma_range"),
+        (dict(estep_sampler="nope"), "nope"),
+    ]:
+        with pytest.raises((ValueError, KeyError), match=match):
+            emdppl.DistillConfig(**bad)
+    with pytest.raises(TypeError, match=r"unknown distillation option\(s\) \['num_step'\]"):
+        emdppl.distill(_gaussian_teacher(), num_step=10)
+    with pytest.raises(TypeError, match="optimizer must be an optax"):
+        emdppl.DistillConfig(optimizer="adam")
+
+
+def test_emd_algorithm_is_an_init_step_pair_with_the_teacher_passed_per_call():
+    teacher = _gaussian_teacher()
+    generator = _affine(0.4, -0.3)
+    config = emdppl.DistillConfig(batch_size=64, num_estep_steps=2, sigma_range=(0.3, 1.0))
+    algorithm = emd.as_top_level_api(teacher, generator, config=config)
+    state = algorithm.init(generator, jax.random.key(0))
+    assert isinstance(state, emd.EMDState)
+    new_state, info = eqx.filter_jit(algorithm.step)(jax.random.key(1), state)
+    assert isinstance(info, emd.EMDInfo) and not bool(info.is_skipped)
+    kernel = emd.build_kernel(config, generator)
+    by_kernel = kernel(jax.random.key(1), state, teacher)  # the same step, teacher per call
+    for a, b in zip(jax.tree.leaves(new_state), jax.tree.leaves(by_kernel[0]), strict=True):
+        np.testing.assert_array_equal(a, b)
+    other = _gaussian_teacher(mu=-1.0)  # another teacher through the same kernel moves theta
+    moved = kernel(jax.random.key(1), state, other)[0]
+    assert not np.allclose(moved.theta.loc, new_state.theta.loc)
+    assert eqx.tree_equal(emd.build_kernel(config, generator), kernel)  # same jitted code
+    with pytest.raises(ValueError, match="no marginal_score"):
+        emd.as_top_level_api(teacher, generators.mlp(1, key=jax.random.key(0)), config=config)
+
+
+def test_distill_runs_under_x64():
+    """``jax.enable_x64`` (GP users' default) must not break the stopped branch's dtypes."""
+    with jax.enable_x64(True):
+        result = _short_run(_counting(), 6, optimizer=optax.adam(0.01))
+    assert np.all(np.isfinite(result.history["loss"]))
+    assert int(result.state.num_skipped) == 0
