@@ -12,8 +12,6 @@ import dataclasses
 from collections.abc import Callable
 from typing import Any
 
-import jax
-
 from emdppl.base import PRNGKey
 from emdppl.target import Target, check_model_arguments
 
@@ -98,11 +96,11 @@ class Problem:
     def target(self, num_chains: int, rng_key: int | PRNGKey) -> Target:
         """The :class:`~emdppl.target.Target` with ``num_chains`` initial positions.
 
-        A Target problem is returned as it is when it has ``num_chains`` chains, and started
-        from its first ``num_chains`` positions when it has more.
+        A Target problem is returned as it is: its ``initial_position`` sets the chains (as in
+        :meth:`emdppl.MCMC.sample`).
         """
         if self.backend == "target":
-            return _with_chains(self.model, num_chains)
+            return self.model
         if self.backend == "pyro":
             from emdppl.bridge.pyro_target import target_from_pyro
 
@@ -117,16 +115,3 @@ class Problem:
             rng_key=rng_key,
             auxiliary=self.auxiliary,
         )
-
-
-def _with_chains(target: Target, num_chains: int) -> Target:
-    if target.num_chains == num_chains:
-        return target
-    if target.num_chains < num_chains:
-        raise ValueError(
-            f"the Target has {target.num_chains} initial positions and the algorithm runs "
-            f"{num_chains} chains; build it with num_chains={num_chains}."
-        )
-    return target.with_initial_position(
-        jax.tree.map(lambda x: x[:num_chains], target.initial_position)
-    )

@@ -1,4 +1,4 @@
-r"""The auxiliary (non-centered) form of a NumPyro model, as an effect-handler strategy.
+r"""The auxiliary (non-centered) form of a model, as an effect-handler strategy.
 
 In auxiliary form every continuous latent is a fixed-scale noise variable pushed through a
 deterministic map (Kingma & Welling 2014):
@@ -13,12 +13,19 @@ deterministic map (Kingma & Welling 2014):
 
 Sites the strategy creates (``*_decentered``) are skipped, so it never recurses. Observed sites
 are left untouched. :func:`check_auxiliary` reports, site by site, what the strategy did.
+
+The module holds the NumPyro strategy (:func:`auxiliary`, :func:`auxiliary_strategy`,
+:func:`check_auxiliary`) and what both PPLs share: the family table keyed by family name
+(``LOC_SCALE_FAMILIES``, ``SCALE_FAMILIES``), the choice of a site's form
+(:func:`choose_form`, :func:`choose_reparam`) and the per-site report (:func:`site_report`).
+The Pyro strategy (:mod:`emdppl.bridge.pyro_model`) maps the same choices to Pyro's
+reparameterizers.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Mapping
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -27,31 +34,124 @@ import numpyro.distributions as dist
 from numpyro import handlers
 from numpyro.infer.reparam import LocScaleReparam, Reparam, TransformReparam
 
-__all__ = ["auxiliary", "auxiliary_strategy", "check_auxiliary", "site_report"]
+__all__ = [
+    "DECENTERED",
+    "LOC_SCALE_FAMILIES",
+    "SCALE_FAMILIES",
+    "Families",
+    "auxiliary",
+    "auxiliary_strategy",
+    "check_auxiliary",
+    "choose_form",
+    "choose_reparam",
+    "families_of",
+    "site_report",
+    "unit_scale",
+    "unwrap",
+]
 
-_DECENTERED = "_decentered"
-_LOC_SCALE: dict[type, tuple[str, ...]] = {
-    dist.Normal: (),
-    dist.Cauchy: (),
-    dist.Laplace: (),
-    dist.Logistic: (),
-    dist.Gumbel: (),
-    dist.SoftLaplace: (),
-    dist.StudentT: ("df",),
+DECENTERED = "_decentered"
+# family -> names of the parameters LocScaleReparam keeps (shape parameters)
+LOC_SCALE_FAMILIES: dict[str, tuple[str, ...]] = {
+    "Normal": (),
+    "Cauchy": (),
+    "Laplace": (),
+    "Logistic": (),
+    "Gumbel": (),
+    "SoftLaplace": (),
+    "StudentT": ("df",),
 }
-# family -> (name of the scale-like parameter, whether the value is scale * raw or raw / rate)
-_SCALE: dict[type, tuple[str, bool]] = {
-    dist.HalfNormal: ("scale", True),
-    dist.HalfCauchy: ("scale", True),
-    dist.Exponential: ("rate", False),
-    dist.Gamma: ("rate", False),
+# family -> (scale-like parameter, whether the value is scale * raw or raw / rate, the other
+# parameters the unit-scale twin keeps)
+SCALE_FAMILIES: dict[str, tuple[str, bool, tuple[str, ...]]] = {
+    "HalfNormal": ("scale", True, ()),
+    "HalfCauchy": ("scale", True, ()),
+    "Exponential": ("rate", False, ()),
+    "Gamma": ("rate", False, ("concentration",)),
 }
+
+
+class Families(NamedTuple):
+    """One PPL's distribution classes for the family table (built by :func:`families_of`)."""
+
+    wrappers: tuple[type, ...]
+    masked: type
+    multivariate_normal: type
+    transformed: type
+    loc_scale: dict[type, tuple[str, ...]]
+    scale: dict[type, tuple[str, bool, tuple[str, ...]]]
+
+
+def families_of(distributions: Any, multivariate_normal: type, transformed: type) -> Families:
+    """The classes of a distributions module (``numpyro.distributions``,
+    ``pyro.distributions``) named by the family table; ``multivariate_normal`` and
+    ``transformed`` are the base classes a site is tested against with ``isinstance``."""
+    return Families(
+        wrappers=(distributions.Independent, distributions.ExpandedDistribution),
+        masked=distributions.MaskedDistribution,
+        multivariate_normal=multivariate_normal,
+        transformed=transformed,
+        loc_scale={getattr(distributions, k): v for k, v in LOC_SCALE_FAMILIES.items()},
+        scale={getattr(distributions, k): v for k, v in SCALE_FAMILIES.items()},
+    )
+
+
+def unwrap(fn: Any, families: Families) -> Any:
+    """``fn`` without its ``Independent`` / ``ExpandedDistribution`` wrappers."""
+    while isinstance(fn, families.wrappers):
+        fn = fn.base_dist
+    return fn
+
+
+def unit_scale(fn: Any, families: Families, ones_like: Callable) -> tuple[Any, Any, bool]:
+    """``(unit, scale, multiply)`` for a scale-family ``fn``: its unit-scale twin, its scale
+    parameter, and whether the value is ``raw * scale`` (else ``raw / rate``)."""
+    param, multiply, kept = families.scale[type(fn)]
+    scale = getattr(fn, param)
+    unit = {param: ones_like(scale), **{k: getattr(fn, k) for k in kept}}
+    return type(fn)(**unit), scale, multiply
+
+
+def choose_form(name: str, fn: Any, families: Families) -> tuple[str | None, str]:
+    """The auxiliary form of the sample site ``name`` with (unwrapped) distribution ``fn``.
+
+    Returns ``(form, reason)``: ``form`` is ``"loc_scale"``, ``"multivariate_normal"``,
+    ``"scale"``, ``"transform"`` or ``None`` (left as it is), ``reason`` one line saying why.
+    """
+    family = type(fn).__name__
+    if name.endswith(DECENTERED):
+        return None, "created by auxiliary(): already unit-scale noise"
+    if isinstance(fn, families.masked):
+        return None, f"{family} (masked) is left centered; apply the mask inside the model instead"
+    if type(fn) in families.loc_scale:
+        return "loc_scale", f"{family}: loc + scale * {name}{DECENTERED}"
+    if isinstance(fn, families.multivariate_normal):
+        return "multivariate_normal", f"{family}: loc + scale_tril @ {name}{DECENTERED}"
+    if type(fn) in families.scale:
+        return "scale", f"{family}: unit-scale {name}{DECENTERED} times its scale"
+    if isinstance(fn, families.transformed):
+        return "transform", f"{family}: transform of {name}_base"
+    return None, (
+        f"{family} has no non-centered form here; it is sampled on its unconstrained scale "
+        "(rewrite it as a deterministic map of unit-scale noise to make it auxiliary)"
+    )
+
+
+def choose_reparam(
+    msg: dict, families: Families, reparams: Mapping[str, Callable[[Any], Any]]
+) -> tuple[Any, str]:
+    """The reparameterizer for a sample site and a one-line reason (:func:`choose_form`);
+    ``reparams`` maps each form to a constructor taking the unwrapped distribution."""
+    fn = unwrap(msg["fn"], families)
+    form, reason = choose_form(msg["name"], fn, families)
+    return (None if form is None else reparams[form](fn)), reason
+
+
+_FAMILIES = families_of(dist, dist.MultivariateNormal, dist.TransformedDistribution)
 
 
 def _unwrap(fn: dist.Distribution) -> dist.Distribution:
-    while isinstance(fn, (dist.Independent, dist.ExpandedDistribution)):
-        fn = fn.base_dist
-    return fn
+    return unwrap(fn, _FAMILIES)
 
 
 class MultivariateNormalReparam(Reparam):
@@ -61,7 +161,7 @@ class MultivariateNormalReparam(Reparam):
         assert obs is None, "MultivariateNormalReparam does not support observed sites"
         base = _unwrap(fn)
         raw = numpyro.sample(
-            name + _DECENTERED,
+            name + DECENTERED,
             dist.Normal(jnp.zeros(fn.shape()), 1.0).to_event(fn.event_dim),
         )
         value = base.loc + jnp.einsum("...ij,...j->...i", base.scale_tril, raw)
@@ -74,45 +174,22 @@ class ScaleReparam(Reparam):
     def __call__(self, name: str, fn: dist.Distribution, obs: Any) -> tuple[None, jax.Array]:
         assert obs is None, "ScaleReparam does not support observed sites"
         fn, expand_shape, event_dim = self._unwrap(fn)
-        param, multiply = _SCALE[type(fn)]
-        scale = getattr(fn, param)
-        unit = (
-            {"scale": jnp.ones_like(scale)} if param == "scale" else {"rate": jnp.ones_like(scale)}
-        )
-        if isinstance(fn, dist.Gamma):
-            unit["concentration"] = fn.concentration
-        raw = numpyro.sample(
-            name + _DECENTERED, self._wrap(type(fn)(**unit), expand_shape, event_dim)
-        )
+        unit, scale, multiply = unit_scale(fn, _FAMILIES, jnp.ones_like)
+        raw = numpyro.sample(name + DECENTERED, self._wrap(unit, expand_shape, event_dim))
         return None, raw * scale if multiply else raw / scale
 
 
+_REPARAMS: dict[str, Callable[[Any], Reparam]] = {
+    "loc_scale": lambda fn: LocScaleReparam(centered=0, shape_params=_FAMILIES.loc_scale[type(fn)]),
+    "multivariate_normal": lambda fn: MultivariateNormalReparam(),
+    "scale": lambda fn: ScaleReparam(),
+    "transform": lambda fn: TransformReparam(),
+}
+
+
 def _choose(msg: dict) -> tuple[Reparam | None, str]:
-    """The reparameterizer for a sample site and a one-line reason for the choice."""
-    fn = _unwrap(msg["fn"])
-    family = type(fn).__name__
-    if msg["name"].endswith(_DECENTERED):
-        return None, "created by auxiliary(): already unit-scale noise"
-    if isinstance(fn, dist.MaskedDistribution):
-        return None, f"{family} (masked) is left centered; apply the mask inside the model instead"
-    if type(fn) in _LOC_SCALE:
-        return (
-            LocScaleReparam(centered=0, shape_params=_LOC_SCALE[type(fn)]),
-            f"{family}: loc + scale * {msg['name']}{_DECENTERED}",
-        )
-    if isinstance(fn, dist.MultivariateNormal):
-        return (
-            MultivariateNormalReparam(),
-            f"{family}: loc + scale_tril @ {msg['name']}{_DECENTERED}",
-        )
-    if type(fn) in _SCALE:
-        return ScaleReparam(), f"{family}: unit-scale {msg['name']}{_DECENTERED} times its scale"
-    if isinstance(fn, dist.TransformedDistribution):
-        return TransformReparam(), f"{family}: transform of {msg['name']}_base"
-    return None, (
-        f"{family} has no non-centered form here; it is sampled on its unconstrained scale "
-        "(rewrite it as a deterministic map of unit-scale noise to make it auxiliary)"
-    )
+    """The NumPyro reparameterizer for a sample site and a one-line reason for the choice."""
+    return choose_reparam(msg, _FAMILIES, _REPARAMS)
 
 
 def auxiliary_strategy(msg: dict) -> Reparam | None:

@@ -160,20 +160,22 @@ class _SVIStep(eqx.Module):
             new, loss = self.svi.update(svi_state, *self.model_args, **self.model_kwargs)
             params = self.svi.optim.get_params(new.optim_state)
             is_finite = jnp.isfinite(loss) & tree_all_finite(params)
-            keep = lambda a, b: jnp.where(is_finite, a, b)
+            # the state keeps the dtypes it started with (x64 data may promote the update)
+            keep = lambda a, b: jnp.where(is_finite, a, b).astype(jnp.result_type(b))
             optim_state, mutable_state = jax.tree.map(
                 keep,
                 (new.optim_state, new.mutable_state),
                 (state.optim_state, state.mutable_state),
             )
             failed_step = jnp.where(is_finite, state.failed_step, state.step)
-            return SVIState(optim_state, mutable_state, state.step + 1, failed_step), loss
+            state = SVIState(optim_state, mutable_state, state.step + 1, failed_step)
+            return state, jnp.asarray(loss, jnp.float32)
 
         def frozen(state: SVIState) -> tuple[SVIState, dict]:
             return state._replace(step=state.step + 1), jnp.asarray(jnp.nan, jnp.float32)
 
         state, loss = jax.lax.cond(state.failed_step >= 0, frozen, update, state)
-        return state, {"loss": jnp.asarray(loss, jnp.float32)}
+        return state, {"loss": loss}
 
 
 class _SVIInit(eqx.Module):

@@ -161,6 +161,18 @@ def check_model_arguments(model: Callable, model_args: tuple, model_kwargs: dict
         ) from None
 
 
+def no_initial_position_error(
+    num_failed: int, num_chains: int, num_tries: int, radius: float, advice: str
+) -> ValueError:
+    """The error for chains that found no point where log density and gradient are finite
+    (uniform draws in ``[-radius, radius]`` on the unconstrained scale); ``advice`` ends it."""
+    return ValueError(
+        f"the log density or its gradient is NaN/inf at every tried initial point of "
+        f"{num_failed} of {num_chains} chains ({num_tries} tries each, uniform in "
+        f"[-{radius}, {radius}] on the unconstrained scale). {advice}"
+    )
+
+
 class Target(eqx.Module):
     """A positive log density on an unconstrained space, where chains start, and the way back.
 
@@ -242,12 +254,14 @@ class Target(eqx.Module):
                 _call_model(model, auxiliary), tuple(model_args), model_kwargs, keys[0]
             )
             bad = [k for k, v in site_lp.items() if not jnp.isfinite(v)]
-            raise ValueError(
-                f"the log density or its gradient is NaN/inf at every tried initial point of "
-                f"{int(jnp.sum(~is_valid))} of {num_chains} chains (100 tries each, uniform in "
-                f"[-{init_radius}, {init_radius}] on the unconstrained scale). Sites with a "
-                f"non-finite log probability at a prior draw: {bad or 'none found'}. Check the "
-                "data (NaN, out-of-support observations) and the parameters of those sites."
+            raise no_initial_position_error(
+                int(jnp.sum(~is_valid)),
+                num_chains,
+                100,
+                init_radius,
+                f"Sites with a non-finite log probability at a prior draw: {bad or 'none found'}. "
+                "Check the data (NaN, out-of-support observations) and the parameters of those "
+                "sites.",
             )
         return cls(log_density, position, postprocess)
 

@@ -13,7 +13,8 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from emdppl import bridge, emd, generators, teachers  # noqa: E402
+import emdppl  # noqa: E402
+from emdppl import bridge, generators, teachers  # noqa: E402
 
 LOCS = np.array([[-2.0, 0.5], [1.5, -1.0], [0.0, 2.0]])
 SCALES = np.array([0.4, 0.7, 0.3])
@@ -163,7 +164,7 @@ def test_torch_teacher_distills_like_the_jax_teacher():
     results = []
     for teacher in (jax_teacher, torch_teacher):
         results.append(
-            emd.distill(
+            emdppl.distill(
                 teacher,
                 generators.affine(2),
                 num_steps=4,
@@ -245,14 +246,14 @@ def test_emdppl_works_without_torch():
 
         sys.meta_path.insert(0, BlockTorch())
         import jax.numpy as jnp
-        import emdppl, emdppl.bridge, emdppl.pyro
+        import emdppl, emdppl.bridge
         from emdppl.models import EIGHT_SCHOOLS, eight_schools
-        assert not emdppl.pyro.is_pyro_model(eight_schools)
+        assert not emdppl.bridge.is_pyro_model(eight_schools)
         assert "torch" not in sys.modules and "pyro" not in sys.modules
         target = emdppl.Target.from_numpyro(eight_schools, model_kwargs=EIGHT_SCHOOLS)
         for call in (
-            lambda: emdppl.pyro.target_from_pyro(eight_schools),
-            lambda: emdppl.pyro.check_auxiliary_pyro(eight_schools),
+            lambda: emdppl.bridge.target_from_pyro(eight_schools),
+            lambda: emdppl.bridge.check_auxiliary_pyro(eight_schools),
             lambda: emdppl.bridge.torch_logdensity(lambda x: x.sum(), jnp.zeros(2)),
             lambda: emdppl.bridge.from_torch(lambda x, t: x, sample_shape=(2,)),
         ):

@@ -18,7 +18,7 @@ pyro = pytest.importorskip("pyro")
 import pyro.distributions as dist  # noqa: E402
 
 import emdppl  # noqa: E402
-from emdppl import pyro as epyro  # noqa: E402
+from emdppl import bridge  # noqa: E402
 from emdppl.models import EIGHT_SCHOOLS, eight_schools  # noqa: E402
 
 DATA = dict(sigma=EIGHT_SCHOOLS["sigma"], y=EIGHT_SCHOOLS["y"])
@@ -39,21 +39,21 @@ def _calls_pyro_indirectly(sigma, y=None):
 
 @pytest.fixture(scope="module")
 def auxiliary_target():
-    return epyro.target_from_pyro(pyro_eight_schools, model_kwargs=DATA, num_chains=4)
+    return bridge.target_from_pyro(pyro_eight_schools, model_kwargs=DATA, num_chains=4)
 
 
 def test_is_pyro_model():
-    assert epyro.is_pyro_model(pyro_eight_schools)
-    assert epyro.is_pyro_model(_calls_pyro_indirectly)
-    assert epyro.is_pyro_model(functools.partial(pyro_eight_schools, DATA["sigma"]))
-    assert epyro.is_pyro_model(pyro.poutine.scale(pyro_eight_schools, 2.0))
-    assert not epyro.is_pyro_model(eight_schools)
-    assert not epyro.is_pyro_model(lambda x: x + 1)
-    assert not epyro.is_pyro_model("pyro")
+    assert bridge.is_pyro_model(pyro_eight_schools)
+    assert bridge.is_pyro_model(_calls_pyro_indirectly)
+    assert bridge.is_pyro_model(functools.partial(pyro_eight_schools, DATA["sigma"]))
+    assert bridge.is_pyro_model(pyro.poutine.scale(pyro_eight_schools, 2.0))
+    assert not bridge.is_pyro_model(eight_schools)
+    assert not bridge.is_pyro_model(lambda x: x + 1)
+    assert not bridge.is_pyro_model("pyro")
 
 
 def test_report_matches_numpyro():
-    assert epyro.check_auxiliary_pyro(pyro_eight_schools, model_kwargs=DATA) == (
+    assert bridge.check_auxiliary_pyro(pyro_eight_schools, model_kwargs=DATA) == (
         emdppl.check_auxiliary(eight_schools, model_kwargs=DATA)
     )
 
@@ -63,7 +63,7 @@ def test_report_matches_numpyro():
         pyro.sample("c", dist.Bernoulli(0.3))
         pyro.sample("d", dist.MultivariateNormal(torch.zeros(2), torch.eye(2)))
 
-    report = epyro.check_auxiliary_pyro(mixed)
+    report = bridge.check_auxiliary_pyro(mixed)
     assert {k: v["status"] for k, v in report.items()} == {
         "a": "auxiliary",
         "b": "centered",
@@ -71,12 +71,12 @@ def test_report_matches_numpyro():
         "d": "auxiliary",
     }
     with pytest.raises(ValueError, match=r"(?s)2 latent site\(s\).*b \(Beta, centered\)"):
-        epyro.check_auxiliary_pyro(mixed, strict=True)
+        bridge.check_auxiliary_pyro(mixed, strict=True)
 
 
 @pytest.mark.parametrize("auxiliary", [True, False])
 def test_logdensity_and_gradient_match_numpyro(auxiliary):
-    pyro_target = epyro.target_from_pyro(
+    pyro_target = bridge.target_from_pyro(
         pyro_eight_schools, model_kwargs=DATA, num_chains=2, auxiliary=auxiliary
     )
     numpyro_target = emdppl.Target.from_numpyro(
@@ -151,20 +151,20 @@ def test_discrete_latent_is_a_clear_error():
         pyro.sample("y", dist.Normal(z, 1.0), obs=y)
 
     with pytest.raises(ValueError, match=r"discrete latent site\(s\) \['z'\].*Marginalise"):
-        epyro.target_from_pyro(model, model_args=(torch.tensor(0.3),))
+        bridge.target_from_pyro(model, model_args=(torch.tensor(0.3),))
 
 
 def test_bad_arguments_are_clear_errors():
     with pytest.raises(ValueError, match=r"model_args\[0\] on cpu, model_kwargs\['y'\] on meta"):
-        epyro.target_from_pyro(
+        bridge.target_from_pyro(
             pyro_eight_schools,
             model_args=(torch.as_tensor(DATA["sigma"]),),
             model_kwargs={"y": torch.zeros(8, device="meta")},
         )
     with pytest.raises(ValueError, match="unknown model_kwargs"):
-        epyro.target_from_pyro(pyro_eight_schools, model_kwargs=dict(DATA, J=8))
+        bridge.target_from_pyro(pyro_eight_schools, model_kwargs=dict(DATA, J=8))
     with pytest.raises(ValueError, match="no latent sample sites"):
-        epyro.target_from_pyro(lambda: pyro.sample("x", dist.Normal(0, 1), obs=torch.ones(())))
+        bridge.target_from_pyro(lambda: pyro.sample("x", dist.Normal(0, 1), obs=torch.ones(())))
 
 
 def test_infer_recognises_a_pyro_model():
@@ -177,10 +177,25 @@ def test_infer_recognises_a_pyro_model():
         _calls_pyro_indirectly, mcmc, model_kwargs=DATA, backend="pyro", progress_bar=False
     )
     assert explicit.posterior["tau"].shape == (2, 20)
-    with pytest.raises(NotImplementedError, match="emdppl.MCMC"):
-        emdppl.infer(pyro_eight_schools, emdppl.EMD(num_steps=10), model_kwargs=DATA)
     with pytest.raises(ValueError, match="backend must be"):
         emdppl.infer(pyro_eight_schools, mcmc, model_kwargs=DATA, backend="stan")
+
+
+def test_emd_on_a_pyro_model_matches_its_numpyro_twin():
+    """EMD takes a Pyro model through the same Problem -> Target path: with the same seed its
+    distilled draws equal the NumPyro twin's up to float error (same log density, same layout)."""
+    emd = emdppl.EMD(num_steps=15, batch_size=16, num_samples=400, num_probe_draws=10)
+    runs = {
+        name: emdppl.infer(model, emd, model_kwargs=DATA, rng_key=2, progress_bar=False)
+        for name, model in (("pyro", pyro_eight_schools), ("numpyro", eight_schools))
+    }
+    pyro_post, numpyro_post = runs["pyro"].posterior, runs["numpyro"].posterior
+    assert set(pyro_post.data_vars) == set(numpyro_post.data_vars)
+    assert "estep_posterior" in runs["pyro"].groups()
+    for name in ("mu", "tau", "theta"):
+        assert pyro_post[name].shape == numpyro_post[name].shape
+        scale = float(numpyro_post[name].std())
+        np.testing.assert_allclose(pyro_post[name], numpyro_post[name], atol=1e-3 * scale)
 
 
 def test_svi_on_a_pyro_model_runs_pyros_svi(eight_schools_reference):
@@ -198,3 +213,25 @@ def test_svi_on_a_pyro_model_runs_pyros_svi(eight_schools_reference):
     assert abs(float(idata.posterior["mu"].mean()) - ref["mean"]) < 0.25 * ref["sd"]
     with pytest.raises(ValueError, match="guide name"):
         emdppl.infer(pyro_eight_schools, emdppl.SVI(lambda *a, **k: None), model_kwargs=DATA)
+
+
+@pytest.mark.parametrize(
+    "name,home",
+    [
+        ("is_pyro_model", "emdppl.bridge.pyro_model"),
+        ("check_auxiliary_pyro", "emdppl.bridge.pyro_model"),
+        ("target_from_pyro", "emdppl.bridge.pyro_target"),
+        ("pyro_svi_infer", "emdppl.bridge.pyro_svi"),
+    ],
+)
+def test_deprecated_pyro_module_forwards_to_the_bridge(name, home):
+    import importlib
+
+    import emdppl.pyro
+
+    with pytest.warns(DeprecationWarning, match=r"emdppl\.pyro is deprecated; use emdppl\.bridge"):
+        moved = getattr(emdppl.pyro, name)
+    assert moved is getattr(importlib.import_module(home), name)
+    assert moved is getattr(bridge, name)
+    with pytest.raises(AttributeError, match="no attribute '_auxiliary'"):
+        emdppl.pyro._auxiliary  # noqa: B018

@@ -1,0 +1,334 @@
+r"""A Pyro model's posterior as an emdppl :class:`~emdppl.target.Target`, evaluated by torch.
+
+This module holds :func:`target_from_pyro` and the pieces it is built from: the flat layout of
+the latent sites (``_Layout``), Pyro's potential energy as a torch function (``_PyroPotential``)
+and the choice of its fastest faithful evaluation, the way back to every model site
+(:class:`PyroPostprocess`), and the initial positions.
+
+The log density on the unconstrained space is Pyro's own potential energy
+(``pyro.infer.mcmc.util.initialize_model``: log joint plus log-Jacobians of ``biject_to``),
+negated, of the model in auxiliary form (:func:`emdppl.bridge.pyro_model.auxiliary_pyro`), and
+reaches JAX through :func:`emdppl.bridge.callback.torch_logdensity`. Positions are dicts
+``{site: array}`` of the auxiliary model's latent sites (``mu_decentered``, ...), like the
+NumPyro target's; ``postprocess_fn`` returns every latent of the original and auxiliary models on
+its constrained scale and the ``pyro.deterministic`` sites, as the NumPyro twin does.
+
+Like :mod:`emdppl.bridge.pyro_model`, it imports torch and pyro inside the functions only.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.flatten_util import ravel_pytree
+
+from emdppl.base import PRNGKey, as_key
+from emdppl.bridge.callback import TorchLogDensity, check_devices, torch_logdensity
+from emdppl.bridge.pyro_model import (
+    auxiliary_pyro,
+    is_discrete,
+    latent_sites,
+    require_pyro,
+    to_torch_args,
+    trace_model,
+)
+from emdppl.target import Target, check_model_arguments, no_initial_position_error
+
+__all__ = ["PyroPostprocess", "target_from_pyro"]
+
+_INIT_RADIUS = 2.0
+_INIT_TRIES = 100
+
+
+def torch_seed(rng_key: int | PRNGKey) -> int:
+    """An integer seed for Pyro and torch, drawn from a JAX key (or seed)."""
+    key = as_key(rng_key)
+    return int(jax.random.randint(key, (), 0, 2**31 - 1))
+
+
+def _device(model: Any, model_args: tuple, model_kwargs: dict) -> Any:
+    import torch
+
+    tensors = {f"model_args[{i}]": a for i, a in enumerate(model_args)}
+    tensors.update({f"model_kwargs[{k!r}]": v for k, v in model_kwargs.items()})
+    if isinstance(model, torch.nn.Module):
+        tensors.update({f"parameter {k!r}": p for k, p in model.named_parameters()})
+    return check_devices(tensors)
+
+
+class _Layout:
+    """Flat torch vector <-> ``{site: tensor}`` in ``ravel_pytree``'s order (sorted names)."""
+
+    def __init__(self, shapes: dict[str, tuple[int, ...]]):
+        self.names = sorted(shapes)
+        self.shapes = [shapes[k] for k in self.names]
+        self.sizes = [int(np.prod(s)) for s in self.shapes]
+
+    def unflatten(self, flat: Any) -> dict:
+        parts = flat.split(self.sizes)
+        return {k: p.reshape(s) for k, p, s in zip(self.names, parts, self.shapes, strict=True)}
+
+
+class _PyroPotential:
+    """``fn(flat) = -potential_energy(unflatten(flat))``, Pyro validation off (a sampler's wild
+    proposals give ``-inf``/NaN, which blackjax treats as divergent, rather than an error)."""
+
+    def __init__(self, potential_fn: Callable, layout: _Layout):
+        self.potential_fn = potential_fn
+        self.layout = layout
+
+    def __call__(self, flat: Any) -> Any:
+        import pyro
+
+        with pyro.validation_enabled(False):
+            return -self.potential_fn(self.layout.unflatten(flat))
+
+
+class _HostPostprocess:
+    """Host side of :class:`PyroPostprocess`: one conditioned run of the model per position."""
+
+    def __init__(self, model, model_args, model_kwargs, transforms, layout, outputs, device):
+        self.model = model
+        self.model_args = model_args
+        self.model_kwargs = model_kwargs
+        self.transforms = transforms
+        self.layout = layout
+        self.outputs = outputs
+        self.device = device
+
+    def one(self, flat: Any) -> dict:
+        import pyro
+        from pyro import poutine
+
+        unconstrained = self.layout.unflatten(flat)
+        constrained = {k: self.transforms[k].inv(v) for k, v in unconstrained.items()}
+        with pyro.validation_enabled(False):
+            trace = poutine.trace(poutine.condition(self.model, constrained)).get_trace(
+                *self.model_args, **self.model_kwargs
+            )
+        return {k: trace.nodes[k]["value"] for k in self.outputs}
+
+    def __call__(self, x: np.ndarray) -> dict:
+        import torch
+
+        batch_shape = x.shape[:-1]
+        flat = torch.as_tensor(x.reshape(-1, x.shape[-1]), dtype=torch.float64, device=self.device)
+        with torch.no_grad():
+            rows = [self.one(row) for row in flat]
+        return {
+            k: np.stack([r[k].detach().cpu().numpy() for r in rows])
+            .astype(x.dtype)
+            .reshape(batch_shape + shape)
+            for k, shape in self.outputs.items()
+        }
+
+
+class PyroPostprocess(eqx.Module):
+    """Unconstrained position ``{site: array}`` to every model site on its constrained scale:
+    the auxiliary latents, the original latents (deterministic in auxiliary form, centered
+    names) and the ``pyro.deterministic`` sites. Evaluated by torch through ``pure_callback``
+    (no gradient)."""
+
+    host: _HostPostprocess = eqx.field(static=True)
+
+    def __call__(self, position: dict) -> dict:
+        flat, _ = ravel_pytree(position)
+        shapes = {k: jax.ShapeDtypeStruct(s, flat.dtype) for k, s in self.host.outputs.items()}
+        return jax.pure_callback(self.host, shapes, flat, vmap_method="expand_dims")
+
+
+def _check_points(dim: int) -> Any:
+    import torch
+
+    return torch.linspace(-0.7, 0.9, 3 * dim, dtype=torch.float64).reshape(3, dim)
+
+
+def _value_and_grad_loop(potential: Callable, points: Any) -> tuple[Any, Any]:
+    import torch
+
+    looped = points.clone().requires_grad_(True)
+    values = torch.stack([potential(p) for p in looped])
+    (grads,) = torch.autograd.grad(values.sum(), looped)
+    return values.detach(), grads
+
+
+def _agree(a: tuple, b: tuple) -> bool:
+    import torch
+
+    pairs = zip(a, b, strict=True)
+    return all(torch.allclose(x, y, rtol=1e-7, atol=1e-9, equal_nan=True) for x, y in pairs)
+
+
+def _choose_potential(plain: _PyroPotential, traced: _PyroPotential, dim: int) -> tuple:
+    """The fastest evaluation that agrees with Pyro's plain potential at three check points:
+    Pyro's ``torch.jit``-traced potential (``jit_compile=True``) if it agrees (it does not for
+    models whose Python control flow depends on latent values), and ``torch.func.vmap``
+    batching if it runs and agrees, else a loop. Returns ``(potential, batching)``."""
+    import torch
+
+    points = _check_points(dim)
+    reference = _value_and_grad_loop(plain, points)
+    try:
+        potential = traced if _agree(_value_and_grad_loop(traced, points), reference) else plain
+    except Exception:  # noqa: BLE001 - a model torch.jit cannot trace runs uncompiled
+        potential = plain
+    try:
+        grads, values = torch.func.vmap(torch.func.grad_and_value(potential))(points)
+    except Exception:  # noqa: BLE001 - a model torch.func cannot transform runs in a loop
+        return potential, "loop"
+    return potential, "vmap" if _agree((values, grads), reference) else "loop"
+
+
+def _initial_positions(
+    logdensity: TorchLogDensity, dim: int, num_chains: int, rng_key: PRNGKey
+) -> np.ndarray:
+    """Uniform in ``[-2, 2]`` on the unconstrained scale, retried while value or gradient is
+    not finite; shape ``(num_chains, dim)``."""
+    host = logdensity.host
+    positions = np.zeros((num_chains, dim), np.float32)
+    pending = np.ones(num_chains, bool)
+    for key in jax.random.split(rng_key, _INIT_TRIES):
+        draws = np.asarray(
+            jax.random.uniform(key, (num_chains, dim), minval=-_INIT_RADIUS, maxval=_INIT_RADIUS)
+        )
+        values, grads = host.value_and_grad(draws)
+        good = pending & np.isfinite(values) & np.all(np.isfinite(grads), axis=-1)
+        positions[good] = draws[good]
+        pending &= ~good
+        if not pending.any():
+            return positions
+    raise no_initial_position_error(
+        int(pending.sum()),
+        num_chains,
+        _INIT_TRIES,
+        _INIT_RADIUS,
+        "Check the data (NaN, out-of-support observations) and the sites' parameters.",
+    )
+
+
+def _checked_latents(model: Callable, model_args: tuple, model_kwargs: dict, seed: int) -> dict:
+    """The latent sites of one run of the model as written, after rejecting discrete latents
+    and models without latents."""
+    latents = latent_sites(trace_model(model, model_args, model_kwargs, seed))
+    discrete = [k for k, s in latents.items() if is_discrete(s["fn"])]
+    if discrete:
+        raise ValueError(
+            f"discrete latent site(s) {discrete}: emdppl's samplers are gradient based. "
+            "Marginalise them out in the model (e.g. a mixture with logsumexp over the "
+            "components) or observe them; emdppl.bridge.check_auxiliary_pyro(model, ...) "
+            "reports every site."
+        )
+    if not latents:
+        raise ValueError("the model has no latent sample sites: there is nothing to infer.")
+    return latents
+
+
+def _potentials(
+    model: Callable, model_args: tuple, model_kwargs: dict, seed: int
+) -> tuple[list[_PyroPotential], _Layout, dict, Any]:
+    """Pyro's potential of ``model``, plain and ``torch.jit``-traced, with the latents' layout,
+    their ``biject_to`` transforms and the prototype trace of ``initialize_model``."""
+    import pyro
+    from pyro import poutine
+    from pyro.infer.mcmc.util import initialize_model
+
+    potentials = []
+    for jit_compile in (False, True):
+        with poutine.seed(rng_seed=seed), pyro.validation_enabled(False):
+            params, potential_fn, transforms, prototype = initialize_model(
+                model, model_args, model_kwargs, jit_compile=jit_compile, skip_jit_warnings=True
+            )
+        layout = _Layout({k: tuple(v.shape) for k, v in params.items()})
+        potentials.append(_PyroPotential(potential_fn, layout))
+    return potentials, layout, transforms, prototype
+
+
+def _outputs(prototype: Any, latents: dict) -> dict[str, tuple[int, ...]]:
+    """``{site: shape}`` of what ``postprocess_fn`` returns: the sampled model's latents, the
+    original model's latents and the ``pyro.deterministic`` sites."""
+    deterministic = [
+        k
+        for k, s in prototype.nodes.items()
+        if s["type"] == "sample" and s.get("infer", {}).get("_deterministic")
+    ]
+    names = list(dict.fromkeys([*latent_sites(prototype), *latents, *deterministic]))
+    return {k: tuple(prototype.nodes[k]["value"].shape) for k in names}
+
+
+def target_from_pyro(
+    model: Callable,
+    *,
+    model_args: tuple = (),
+    model_kwargs: dict | None = None,
+    num_chains: int = 4,
+    rng_key: int | PRNGKey = 0,
+    auxiliary: bool = True,
+) -> Target:
+    r"""Build the :class:`~emdppl.Target` of a Pyro model's posterior, evaluated by torch.
+
+    ``logdensity_fn(position) = -U(position)``, Pyro's potential energy of the (auxiliary)
+    model on the unconstrained space: :math:`\log p(\mathrm{data}, T(u)) + \log|\det J_T(u)|`,
+    computed in float64 by torch and returned to JAX as float32 with its gradient in one host
+    round trip (:func:`emdppl.bridge.torch_logdensity`); vmapped chains are one torch batch.
+
+    Parameters
+    ----------
+    model
+        A Pyro model (a function with ``pyro.sample`` statements, or a ``PyroModule``).
+    model_args, model_kwargs
+        Its arguments. numpy/JAX arrays become torch tensors of the same dtype; torch tensors
+        are used as they are. All tensors (and a module's parameters) must be on one device,
+        where torch evaluates the model.
+    num_chains
+        Number of initial positions, uniform in ``[-2, 2]`` on the unconstrained scale,
+        retried until log density and gradient are finite.
+    rng_key
+        Seed or key for the initial positions and the model's prototype run.
+    auxiliary
+        Non-center the model first (module docstring); ``False`` samples it as written.
+
+    Returns
+    -------
+    Target
+        ``initial_position``: ``{site: (num_chains, *shape)}`` float32 arrays;
+        ``postprocess_fn``: see :class:`PyroPostprocess`.
+
+    Examples
+    --------
+    >>> target = emdppl.bridge.target_from_pyro(model, model_args=(sigma, y))  # doctest: +SKIP
+    >>> result = emdppl.MCMC("nuts").sample(0, target)  # doctest: +SKIP
+    >>> draws = target.postprocess(result.positions)  # {"mu": (4, 1000), ...}  # doctest: +SKIP
+    """
+    require_pyro()
+    if not callable(model):
+        raise TypeError(f"model must be a Pyro model (a callable), got {type(model).__name__}.")
+    if num_chains < 1:
+        raise ValueError(f"num_chains must be >= 1, got {num_chains}.")
+    model_kwargs = dict(model_kwargs or {})
+    check_model_arguments(model, tuple(model_args), model_kwargs)
+    model_args, model_kwargs = to_torch_args(tuple(model_args), model_kwargs)
+    device = _device(model, model_args, model_kwargs)
+    init_key, prototype_key = jax.random.split(as_key(rng_key))
+    seed = torch_seed(prototype_key)
+
+    latents = _checked_latents(model, model_args, model_kwargs, seed)
+    sampled = auxiliary_pyro(model) if auxiliary else model
+    potentials, layout, transforms, prototype = _potentials(sampled, model_args, model_kwargs, seed)
+    example = {
+        k: jnp.zeros(s, jnp.float32) for k, s in zip(layout.names, layout.shapes, strict=True)
+    }
+    dim = sum(layout.sizes)
+    potential, batching = _choose_potential(*potentials, dim)
+    logdensity = torch_logdensity(potential, example, device=device, batching=batching)
+    outputs = _outputs(prototype, latents)
+    postprocess = PyroPostprocess(
+        _HostPostprocess(sampled, model_args, model_kwargs, transforms, layout, outputs, device)
+    )
+    flat = _initial_positions(logdensity, dim, num_chains, init_key)
+    position = jax.vmap(logdensity.unravel_fn)(jnp.asarray(flat))
+    return Target(logdensity, position, postprocess)
