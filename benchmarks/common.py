@@ -1,13 +1,16 @@
-"""Helpers shared by the benchmark scripts: ESS, the NumPyro NUTS baseline, timing, machine."""
+"""Helpers shared by the benchmark scripts: ESS, the NumPyro NUTS baseline, timing, machine,
+the shared command-line options and the JSON + PNG report."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
 import sys
+import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import arviz as az
@@ -24,7 +27,19 @@ from benchmarks.models import BenchmarkModel  # noqa: E402
 from emdppl.inference_data import versions  # noqa: E402
 from emdppl.timing import stopwatch  # noqa: E402
 
-__all__ = ["RESULTS_DIR", "machine", "make_numpyro_runner", "min_ess", "watched"]
+__all__ = [
+    "RESULTS_DIR",
+    "argument_parser",
+    "machine",
+    "make_numpyro_runner",
+    "make_report",
+    "min_ess",
+    "output_dir",
+    "print_rows",
+    "save_report",
+    "stopwatch",
+    "watched",
+]
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
@@ -91,6 +106,38 @@ def machine() -> dict:
         "jax_backend": jax.default_backend(),
         **versions(),
     }
+
+
+def argument_parser(doc: str, smoke_help: str) -> argparse.ArgumentParser:
+    """A script's parser, described by ``doc``'s first line, with the options every script has:
+    ``--seed`` (default 0), ``--out`` (see :func:`output_dir`) and ``--smoke`` (``smoke_help``)."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", type=Path, default=None,
+                        help="output folder (default benchmarks/results; temporary with --smoke)")
+    parser.add_argument("--smoke", action="store_true", help=smoke_help)
+    return parser
+
+
+def output_dir(args: argparse.Namespace) -> Path:
+    """``args.out``; by default a temporary folder with ``--smoke``, else :data:`RESULTS_DIR`.
+    Created if missing."""
+    out = args.out or (Path(tempfile.mkdtemp()) if args.smoke else RESULTS_DIR)
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def make_report(settings: dict, **sections: object) -> dict:
+    """The JSON report: ``{"settings": settings, "machine": machine(), **sections}``."""
+    return {"settings": settings, "machine": machine(), **sections}
+
+
+def print_rows(header: str, rows: Iterable[dict], format_row: Callable[[dict], str]) -> None:
+    """The final table on stdout: ``header``, a rule, then ``format_row(row)`` for each row."""
+    print(header)
+    print("-" * len(header))
+    for row in rows:
+        print(format_row(row))
 
 
 def save_report(out: Path, name: str, report: dict, plot: Callable, plot_data: object) -> None:

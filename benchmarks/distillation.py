@@ -13,9 +13,7 @@ checkerboard (numpy data; scored against held-out data), and an exact 10-D Gauss
 
 from __future__ import annotations
 
-import argparse
 import sys
-import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -30,10 +28,9 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import emdppl  # noqa: E402
-from benchmarks.common import RESULTS_DIR, machine, save_report  # noqa: E402
+from benchmarks import common  # noqa: E402
 from emdppl import demo, teachers  # noqa: E402
-from emdppl.demo import _time_per_10k, energy_distance, mode_metrics, teacher_draws  # noqa: E402
-from emdppl.timing import stopwatch  # noqa: E402
+from emdppl.demo import energy_distance, mode_metrics, seconds_per_10k, teacher_draws  # noqa: E402
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -117,14 +114,14 @@ def distill_row(problem: dict, method: str, k: int | None, noise: str | None, nu
         options["student_warmup_steps"] = 20
     if method == "emd":
         options.update(demo.EMD_OPTIONS, num_estep_steps=k, noise_cancellation=noise)
-    with stopwatch() as watch:
+    with common.stopwatch() as watch:
         result = emdppl.distill(
             teacher, generator, method=method, num_steps=num_steps,
             optimizer=optax.chain(optax.clip_by_global_norm(1.0), optax.adam(demo.LEARNING_RATE)),
             rng_key=key, progress_bar=False, num_probe_draws=0, **options,
         )
     x = np.asarray(result.sample(jax.random.fold_in(key, 4), NUM_SAMPLES))
-    seconds = _time_per_10k(lambda r: result.sample(r, NUM_SAMPLES), key)
+    seconds = seconds_per_10k(lambda r: result.sample(r, NUM_SAMPLES), key)
     steps_run = num_steps + options["student_warmup_steps"]
     row = {
         "method": method,
@@ -235,7 +232,9 @@ def plot(panels: dict, path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = common.argument_parser(
+        __doc__, smoke_help="ring8, DDIM NFE 1 and 2, 20 steps of Diff-Instruct and EMD K=2"
+    )
     parser.add_argument("--problems", nargs="+", choices=PROBLEMS, default=None,
                         help=f"default {' '.join(DEFAULT_PROBLEMS)}; every problem with --full")
     parser.add_argument("--ks", nargs="+", type=int, default=None,
@@ -243,13 +242,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--num-steps", type=int, default=600, help="distillation steps per run")
     parser.add_argument("--teacher-steps", type=int, default=2000,
                         help="train_diffusion steps of the swiss roll / checkerboard teachers")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", type=Path, default=None,
-                        help="output folder (default benchmarks/results; temporary with --smoke)")
     parser.add_argument("--full", action="store_true",
                         help="every problem, K in --ks (default 1 2 4 8 16) x none/initial/full")
-    parser.add_argument("--smoke", action="store_true",
-                        help="ring8, DDIM NFE 1 and 2, 20 steps of Diff-Instruct and EMD K=2")
     args = parser.parse_args(argv)
     if args.problems is None:
         args.problems = list(PROBLEMS if args.full else DEFAULT_PROBLEMS)
@@ -257,8 +251,7 @@ def main(argv: list[str] | None = None) -> dict:
         args.ks = list(ALL_KS if args.full else (1, 8))
     if args.smoke:
         args.problems, args.num_steps = ["ring8"], 20
-    out = args.out or (Path(tempfile.mkdtemp()) if args.smoke else RESULTS_DIR)
-    out.mkdir(parents=True, exist_ok=True)
+    out = common.output_dir(args)
 
     start = time.perf_counter()
     rows, panels = [], {}
@@ -268,21 +261,14 @@ def main(argv: list[str] | None = None) -> dict:
         for name in args.problems:
             problem_rows, panels[name] = run_problem(name, args)
             rows += problem_rows
-    print(_HEADER)
-    print("-" * len(_HEADER))
-    for row in rows:
-        print(_format_row(row))
-    report = {
-        "settings": {"problems": args.problems, "ks": args.ks, "full": args.full,
-                     "num_steps": args.num_steps, "teacher_steps": args.teacher_steps,
-                     "seed": args.seed, "teacher_samplers": TEACHER_SAMPLERS, "num_eval": NUM_EVAL,
-                     "distill_options": demo.DISTILL_OPTIONS, "emd_options": demo.EMD_OPTIONS,
-                     "learning_rate": demo.LEARNING_RATE},
-        "machine": machine(),
-        "total_seconds": time.perf_counter() - start,
-        "rows": rows,
-    }
-    save_report(out, "distillation", report, plot, panels)
+    common.print_rows(_HEADER, rows, _format_row)
+    settings = {"problems": args.problems, "ks": args.ks, "full": args.full,
+                "num_steps": args.num_steps, "teacher_steps": args.teacher_steps,
+                "seed": args.seed, "teacher_samplers": TEACHER_SAMPLERS, "num_eval": NUM_EVAL,
+                "distill_options": demo.DISTILL_OPTIONS, "emd_options": demo.EMD_OPTIONS,
+                "learning_rate": demo.LEARNING_RATE}
+    report = common.make_report(settings, total_seconds=time.perf_counter() - start, rows=rows)
+    common.save_report(out, "distillation", report, plot, panels)
     return report
 
 

@@ -9,15 +9,20 @@ from __future__ import annotations
 
 import argparse
 import json
-import pathlib
-import time
+import sys
 import warnings
+from pathlib import Path
 
-import arviz as az
 import jax
 
-import emdppl
-from emdppl.models import EIGHT_SCHOOLS, eight_schools
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import emdppl  # noqa: E402
+from benchmarks import common  # noqa: E402
+from emdppl.models import EIGHT_SCHOOLS, eight_schools  # noqa: E402
+
+VAR_NAMES = ("mu", "tau", "theta")
 
 
 def main() -> None:
@@ -25,7 +30,7 @@ def main() -> None:
     parser.add_argument("--chains", type=int, nargs="+", default=[4, 64, 1024])
     parser.add_argument("--num-warmup", type=int, default=500)
     parser.add_argument("--num-samples", type=int, default=500)
-    parser.add_argument("--out", default="benchmarks/results")
+    parser.add_argument("--out", type=Path, default=common.RESULTS_DIR)
     args = parser.parse_args()
     platform = jax.devices()[0].platform
     rows = []
@@ -36,13 +41,13 @@ def main() -> None:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             for seed in (0, 1):  # the second run is warm: no compilation
-                start = time.perf_counter()
-                idata = emdppl.infer(
-                    eight_schools, algorithm, model_kwargs=EIGHT_SCHOOLS, rng_key=seed,
-                    progress_bar=False,
-                )
-                seconds = time.perf_counter() - start
-        ess = float(az.ess(idata, var_names=["mu", "tau", "theta"]).to_array().min())
+                with common.stopwatch() as watch:
+                    idata = emdppl.infer(
+                        eight_schools, algorithm, model_kwargs=EIGHT_SCHOOLS, rng_key=seed,
+                        progress_bar=False,
+                    )
+        seconds = watch.wall_seconds
+        ess, _ = common.min_ess({k: idata.posterior[k].values for k in VAR_NAMES}, VAR_NAMES)
         rows.append(
             {
                 "platform": platform,
@@ -55,9 +60,8 @@ def main() -> None:
             }
         )
         print(json.dumps(rows[-1]))
-    out = pathlib.Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / "gpu_check.json"
+    args.out.mkdir(parents=True, exist_ok=True)
+    path = args.out / "gpu_check.json"
     previous = json.loads(path.read_text()) if path.exists() else []
     path.write_text(json.dumps(previous + rows, indent=2))
 

@@ -13,9 +13,7 @@ Every method is one cold ``emdppl.infer`` call on the auxiliary form of the mode
 
 from __future__ import annotations
 
-import argparse
 import sys
-import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -29,7 +27,7 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import emdppl  # noqa: E402
-from benchmarks.common import RESULTS_DIR, machine, save_report  # noqa: E402
+from benchmarks import common  # noqa: E402
 from benchmarks.models import SAMPLER_MODELS, Reference  # noqa: E402
 from benchmarks.samplers import score  # noqa: E402
 from emdppl.target import Target  # noqa: E402
@@ -201,20 +199,16 @@ def plot(rows: list[dict], path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = common.argument_parser(
+        __doc__, smoke_help="banana; NUTS 2 x (100 + 200), SVI 300 steps, EMD 60 steps"
+    )
     parser.add_argument("--models", nargs="+", choices=sorted(SAMPLER_MODELS),
                         default=list(DEFAULT_MODELS))
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", type=Path, default=None,
-                        help="output folder (default benchmarks/results; temporary with --smoke)")
-    parser.add_argument("--smoke", action="store_true",
-                        help="banana; NUTS 2 x (100 + 200), SVI 300 steps, EMD 60 steps")
     args = parser.parse_args(argv)
     settings = SMOKE_SETTINGS if args.smoke else SETTINGS
     if args.smoke:
         args.models = ["banana"]
-    out = args.out or (Path(tempfile.mkdtemp()) if args.smoke else RESULTS_DIR)
-    out.mkdir(parents=True, exist_ok=True)
+    out = common.output_dir(args)
 
     start = time.perf_counter()
     with warnings.catch_warnings():
@@ -224,19 +218,14 @@ def main(argv: list[str] | None = None) -> dict:
     for row in rows:
         emd_row = next(r for r in rows if r["model"] == row["model"] and r["method"] == "emd")
         row["extra_vs_emd"] = row["extra_10k_seconds"] / emd_row["extra_10k_seconds"]
-    print(_HEADER)
-    print("-" * len(_HEADER))
-    for row in rows:
-        print(_format_row(row))
-    report = {
-        "settings": {**settings, "seed": args.seed, "models": args.models,
-                     "mcmc_sampler": "nuts", "svi_guide": "auto_multivariate_normal",
-                     "extra_draws": EXTRA_DRAWS},
-        "machine": machine(),
-        "total_seconds": time.perf_counter() - start,
-        "rows": rows,
-    }
-    save_report(out, "inference", report, plot, rows)
+    common.print_rows(_HEADER, rows, _format_row)
+    report = common.make_report(
+        {**settings, "seed": args.seed, "models": args.models, "mcmc_sampler": "nuts",
+         "svi_guide": "auto_multivariate_normal", "extra_draws": EXTRA_DRAWS},
+        total_seconds=time.perf_counter() - start,
+        rows=rows,
+    )
+    common.save_report(out, "inference", report, plot, rows)
     return report
 
 

@@ -12,9 +12,7 @@ three alternating within a seed); the reported numbers are medians over seeds. S
 
 from __future__ import annotations
 
-import argparse
 import sys
-import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -28,14 +26,7 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import emdppl  # noqa: E402
-from benchmarks.common import (  # noqa: E402
-    RESULTS_DIR,
-    machine,
-    make_numpyro_runner,
-    min_ess,
-    save_report,
-    watched,
-)
+from benchmarks import common  # noqa: E402
 from benchmarks.models import BENCHMARK_MODELS, BenchmarkModel  # noqa: E402
 
 matplotlib.use("Agg")
@@ -129,7 +120,7 @@ def run_blackjax(bench: BenchmarkModel, kwargs: dict, seed: int, settings: dict)
 
 
 def _metrics(out: dict, var_names: tuple[str, ...]) -> dict:
-    ess_bulk, ess_tail = min_ess(out.pop("draws"), var_names)
+    ess_bulk, ess_tail = common.min_ess(out.pop("draws"), var_names)
     # NumPyro retraces and recompiles inside every MCMC.run; this excludes that.
     sampling_seconds = out["seconds"] - out["compile_seconds_in_run"]
     return {
@@ -163,7 +154,7 @@ def benchmark_model(name: str, settings: dict, seeds: list[int]) -> dict:
     """Compile run, then one run per seed, of each method; medians over seeds."""
     bench = BENCHMARK_MODELS[name]
     kwargs = bench.load_kwargs()
-    run_numpyro = make_numpyro_runner(bench, settings)
+    run_numpyro = common.make_numpyro_runner(bench, settings)
     runners = {
         "emdppl": lambda seed: run_emdppl(bench, kwargs, seed, settings),
         "numpyro": lambda seed: run_numpyro(kwargs, seed),
@@ -171,13 +162,13 @@ def benchmark_model(name: str, settings: dict, seeds: list[int]) -> dict:
     }
     # Methods alternate within each seed, so a change of machine load hits all three alike.
     cold = {
-        method: watched(runner, seeds[0] + _COMPILE_SEED_OFFSET)
+        method: common.watched(runner, seeds[0] + _COMPILE_SEED_OFFSET)
         for method, runner in runners.items()
     }
     runs = {method: [] for method in runners}
     for seed in seeds:
         for method, runner in runners.items():
-            runs[method].append(_metrics(watched(runner, seed), bench.var_names))
+            runs[method].append(_metrics(common.watched(runner, seed), bench.var_names))
     result = {}
     for method in runners:
         print(
@@ -267,27 +258,23 @@ def plot(results: dict, path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = common.argument_parser(
+        __doc__, smoke_help="2 chains, 100 + 100, eight schools, one seed"
+    )
     parser.add_argument("--models", nargs="+", choices=sorted(BENCHMARK_MODELS),
                         default=sorted(BENCHMARK_MODELS))
     parser.add_argument("--num-chains", type=int, default=4)
     parser.add_argument("--num-warmup", type=int, default=1000)
     parser.add_argument("--num-samples", type=int, default=1000)
-    parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--num-seeds", type=int, default=3,
                         help="timed runs per method (seeds seed, seed+1, ...); medians reported")
-    parser.add_argument("--out", type=Path, default=None,
-                        help="output folder (default benchmarks/results; temporary with --smoke)")
-    parser.add_argument("--smoke", action="store_true",
-                        help="2 chains, 100 + 100, eight schools, one seed")
     args = parser.parse_args(argv)
     if args.smoke:
         args.models, args.num_chains, args.num_warmup, args.num_samples = (
             ["eight_schools"], 2, 100, 100
         )
         args.num_seeds = 1
-    out = args.out or (Path(tempfile.mkdtemp()) if args.smoke else RESULTS_DIR)
-    out.mkdir(parents=True, exist_ok=True)
+    out = common.output_dir(args)
 
     settings = {
         "num_chains": args.num_chains,
@@ -301,8 +288,8 @@ def main(argv: list[str] | None = None) -> dict:
         results = {name: benchmark_model(name, settings, seeds) for name in args.models}
 
     print_table(results)
-    report = {"settings": {**settings, "seeds": seeds}, "machine": machine(), "results": results}
-    save_report(out, "nuts_speed", report, plot, results)
+    report = common.make_report({**settings, "seeds": seeds}, results=results)
+    common.save_report(out, "nuts_speed", report, plot, results)
     return report
 
 

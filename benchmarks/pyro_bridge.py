@@ -1,8 +1,9 @@
 """The torch bridge on eight schools: per-call cost and NUTS ESS per second.
 
 1. Per call, value and gradient of the auxiliary log density: the Pyro model through
-   ``emdppl.pyro.target_from_pyro`` (torch on the host, one ``pure_callback`` round trip) against
-   the NumPyro twin (``emdppl.Target.from_numpyro``, native JAX), for 1 and 4 chains (vmapped).
+   ``emdppl.bridge.target_from_pyro`` (torch on the host, one ``pure_callback`` round trip)
+   against the NumPyro twin (``emdppl.Target.from_numpyro``, native JAX), for 1 and 4 chains
+   (vmapped).
 2. NUTS (target acceptance 0.95, same warm-up and draws, auxiliary form): emdppl on the Pyro
    target (the bridge), emdppl on the NumPyro twin, and Pyro's own ``pyro.infer.NUTS`` on the same
    auxiliary Pyro model, its chains run one after another. ESS is the minimum bulk ESS over
@@ -15,14 +16,9 @@
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
 import sys
-import time
 from pathlib import Path
 
-import arviz as az
 import jax
 import matplotlib
 import numpy as np
@@ -35,13 +31,14 @@ import pyro  # noqa: E402
 import pyro.distributions as dist  # noqa: E402
 
 import emdppl  # noqa: E402
-from emdppl import pyro as epyro  # noqa: E402
+from benchmarks import common  # noqa: E402
+from emdppl.bridge.pyro_model import auxiliary_pyro  # noqa: E402
+from emdppl.bridge.pyro_target import target_from_pyro  # noqa: E402
 from emdppl.models import EIGHT_SCHOOLS, eight_schools  # noqa: E402
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-RESULTS_DIR = Path(__file__).resolve().parent / "results"
 VAR_NAMES = ("mu", "tau", "theta")
 
 
@@ -61,28 +58,20 @@ def microseconds_per_call(target: emdppl.Target, num_chains: int, num_calls: int
     jax.block_until_ready(fn(position))
     repeats = []
     for _ in range(5):
-        start = time.perf_counter()
-        for _ in range(num_calls):
-            jax.block_until_ready(fn(position))
-        repeats.append((time.perf_counter() - start) / num_calls * 1e6)
+        with common.stopwatch() as watch:
+            for _ in range(num_calls):
+                jax.block_until_ready(fn(position))
+        repeats.append(watch.wall_seconds / num_calls * 1e6)
     return float(np.median(repeats))
 
 
-def min_ess(posterior: dict) -> float:
-    """Minimum bulk ESS over ``VAR_NAMES``; arrays ``(chain, draw, ...)``."""
-    idata = az.from_dict(posterior={k: np.asarray(posterior[k]) for k in VAR_NAMES})
-    ess = az.ess(idata, method="bulk")
-    return float(min(float(ess[k].min()) for k in VAR_NAMES))
-
-
 def run_emdppl(target: emdppl.Target, settings: dict, seed: int) -> dict:
-    start = time.perf_counter()
-    result = emdppl.MCMC("nuts", target_accept=0.95, **settings).sample(
-        seed, target, progress_bar=False
-    )
-    draws = target.postprocess(result.positions)
-    seconds = time.perf_counter() - start
-    return {"seconds": seconds, "ess": min_ess(draws),
+    with common.stopwatch() as watch:
+        result = emdppl.MCMC("nuts", target_accept=0.95, **settings).sample(
+            seed, target, progress_bar=False
+        )
+        draws = target.postprocess(result.positions)
+    return {"seconds": watch.wall_seconds, "ess": common.min_ess(draws, VAR_NAMES)[0],
             "grad_evals": int(np.sum(result.stats["n_grad_evals"]))}
 
 
@@ -91,24 +80,24 @@ def run_pyro_nuts(settings: dict, num_chains: int, seed: int) -> dict:
     from pyro.infer import MCMC, NUTS
 
     data = {k: torch.as_tensor(v) for k, v in EIGHT_SCHOOLS.items()}
-    model = epyro._auxiliary(pyro_eight_schools)
+    model = auxiliary_pyro(pyro_eight_schools)
     draws = {k: [] for k in VAR_NAMES}
-    start = time.perf_counter()
-    for chain in range(num_chains):
-        pyro.set_rng_seed(seed + chain)
-        mcmc = MCMC(
-            NUTS(model, target_accept_prob=0.95),
-            num_samples=settings["num_samples"],
-            warmup_steps=settings["num_warmup"],
-            num_chains=1,
-            disable_progbar=True,
-        )
-        mcmc.run(**data)
-        trace_draws = _pyro_sites(model, mcmc.get_samples(), data)
-        for k in VAR_NAMES:
-            draws[k].append(trace_draws[k])
-    seconds = time.perf_counter() - start
-    return {"seconds": seconds, "ess": min_ess({k: np.stack(v) for k, v in draws.items()})}
+    with common.stopwatch() as watch:
+        for chain in range(num_chains):
+            pyro.set_rng_seed(seed + chain)
+            mcmc = MCMC(
+                NUTS(model, target_accept_prob=0.95),
+                num_samples=settings["num_samples"],
+                warmup_steps=settings["num_warmup"],
+                num_chains=1,
+                disable_progbar=True,
+            )
+            mcmc.run(**data)
+            trace_draws = _pyro_sites(model, mcmc.get_samples(), data)
+            for k in VAR_NAMES:
+                draws[k].append(trace_draws[k])
+    return {"seconds": watch.wall_seconds,
+            "ess": common.min_ess({k: np.stack(v) for k, v in draws.items()}, VAR_NAMES)[0]}
 
 
 def _pyro_sites(model, samples: dict, data: dict) -> dict:
@@ -161,7 +150,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--num-samples", type=int, default=1000)
     parser.add_argument("--num-calls", type=int, default=200)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", type=Path, default=RESULTS_DIR)
+    parser.add_argument("--out", type=Path, default=common.RESULTS_DIR)
     parser.add_argument("--smoke", action="store_true", help="50 + 50 draws, 10 timing calls")
     args = parser.parse_args(argv)
     if args.smoke:
@@ -169,7 +158,7 @@ def main(argv: list[str] | None = None) -> dict:
     torch.set_num_threads(1)
     settings = {"num_warmup": args.num_warmup, "num_samples": args.num_samples}
 
-    pyro_target = epyro.target_from_pyro(pyro_eight_schools, model_kwargs=EIGHT_SCHOOLS)
+    pyro_target = target_from_pyro(pyro_eight_schools, model_kwargs=EIGHT_SCHOOLS)
     native_target = emdppl.Target.from_numpyro(eight_schools, model_kwargs=EIGHT_SCHOOLS)
     per_call = {
         chains: {
@@ -191,20 +180,17 @@ def main(argv: list[str] | None = None) -> dict:
     }
     for row in nuts.values():
         row["ess_per_s"] = row["ess"] / row["seconds"]
-    results = {
-        "settings": {**settings, "num_chains": args.num_chains, "num_calls": args.num_calls,
-                     "smoke": args.smoke, "batching": pyro_target.logdensity_fn.host.batching},
-        "machine": {"platform": platform.platform(), "python": platform.python_version(),
-                    "jax": jax.__version__, "torch": torch.__version__,
-                    "pyro": pyro.__version__, "cpu_count": os.cpu_count()},
-        "per_call_us": per_call,
-        "nuts": nuts,
-    }
+    results = common.make_report(
+        {**settings, "num_chains": args.num_chains, "num_calls": args.num_calls,
+         "smoke": args.smoke, "batching": pyro_target.logdensity_fn.host.batching},
+        per_call_us=per_call,
+        nuts=nuts,
+    )
+    results["machine"].update(torch_version=torch.__version__, pyro_version=pyro.__version__)
     print_table(results)
     args.out.mkdir(parents=True, exist_ok=True)
     stem = "pyro_bridge_smoke" if args.smoke else "pyro_bridge"
-    (args.out / f"{stem}.json").write_text(json.dumps(results, indent=2))
-    plot(results, args.out / f"{stem}.png")
+    common.save_report(args.out, stem, results, plot, results)
     return results
 
 

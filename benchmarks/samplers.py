@@ -12,10 +12,8 @@ both sides; analytic and Kalman references have none), else "biased" with a reas
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
-import tempfile
 import warnings
 from pathlib import Path
 
@@ -27,13 +25,7 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import emdppl  # noqa: E402
-from benchmarks.common import (  # noqa: E402
-    RESULTS_DIR,
-    machine,
-    make_numpyro_runner,
-    save_report,
-    watched,
-)
+from benchmarks import common  # noqa: E402
 from benchmarks.models import SAMPLER_MODELS, BenchmarkModel, Reference  # noqa: E402
 from emdppl.samplers import get_sampler  # noqa: E402
 
@@ -197,7 +189,7 @@ def emdppl_row(bench, reference, idata, sampler, form, step_size, step_source) -
 
 
 def numpyro_row(bench, reference, kwargs, settings, seed) -> dict:
-    out = watched(lambda s: make_numpyro_runner(bench, settings)(kwargs, s), seed)
+    out = common.watched(lambda s: common.make_numpyro_runner(bench, settings)(kwargs, s), seed)
     row = {
         "sampler": "numpyro_nuts",
         "form": "auxiliary",
@@ -365,7 +357,9 @@ def plot(rows: list[dict], path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = common.argument_parser(
+        __doc__, smoke_help="banana, mala + ula, both forms, 2 chains, 200 + 200"
+    )
     parser.add_argument("--models", nargs="+", choices=sorted(SAMPLER_MODELS),
                         default=list(DEFAULT_MODELS))
     parser.add_argument("--samplers", nargs="+", choices=emdppl.samplers(),
@@ -375,17 +369,11 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--num-chains", type=int, default=4)
     parser.add_argument("--num-warmup", type=int, default=500)
     parser.add_argument("--num-samples", type=int, default=1000)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", type=Path, default=None,
-                        help="output folder (default benchmarks/results; temporary with --smoke)")
-    parser.add_argument("--smoke", action="store_true",
-                        help="banana, mala + ula, both forms, 2 chains, 200 + 200")
     args = parser.parse_args(argv)
     if args.smoke:
         args.models, args.samplers, args.forms = ["banana"], ["mala", "ula"], list(FORMS)
         args.num_chains, args.num_warmup, args.num_samples = 2, 200, 200
-    out = args.out or (Path(tempfile.mkdtemp()) if args.smoke else RESULTS_DIR)
-    out.mkdir(parents=True, exist_ok=True)
+    out = common.output_dir(args)
 
     settings = {
         "num_chains": args.num_chains,
@@ -403,15 +391,13 @@ def main(argv: list[str] | None = None) -> dict:
         ]
     comparisons = aux_vs_centered(rows)
     print_table(rows, comparisons)
-    report = {
-        "settings": {**settings, "seed": args.seed, "samplers": args.samplers,
-                     "forms": args.forms, "unadjusted_step_scale": UNADJUSTED_STEP_SCALE,
-                     "z_threshold": Z_THRESHOLD},
-        "machine": machine(),
-        "rows": rows,
-        "aux_vs_centered": comparisons,
-    }
-    save_report(out, "samplers", report, plot, rows)
+    report = common.make_report(
+        {**settings, "seed": args.seed, "samplers": args.samplers, "forms": args.forms,
+         "unadjusted_step_scale": UNADJUSTED_STEP_SCALE, "z_threshold": Z_THRESHOLD},
+        rows=rows,
+        aux_vs_centered=comparisons,
+    )
+    common.save_report(out, "samplers", report, plot, rows)
     return report
 
 

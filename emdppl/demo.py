@@ -1,10 +1,14 @@
-"""2-D mixture demo: EM distillation vs Diff-Instruct vs the teacher's multi-step sampler.
+"""The ``emdppl demo`` command's work: a 2-D mixture distillation and NUTS on eight schools.
 
-Two exact Gaussian-mixture teachers (8 modes on a ring, 25 on a grid) are distilled into
-one-step generators by EMD and by Diff-Instruct (same code, ``docs/EMD.md`` §6), and compared
-with exact draws and with the teacher's multi-step sampler (DDIM at NFE 1, 2, 4, 18 and EDM
-Heun at NFE 35) on the exact score. ``run_demo`` writes
-a PNG panel, ``metrics.json`` and ArviZ summaries of the E-step chains.
+2-D mixtures (:func:`run_demo`): two exact Gaussian-mixture teachers (8 modes on a ring, 25 on
+a grid) are distilled into one-step generators by EMD and by Diff-Instruct (same code,
+``docs/EMD.md`` §6), and compared with exact draws and with the teacher's multi-step sampler
+(DDIM at NFE 1, 2, 4, 18 and EDM Heun at NFE 35) on the exact score; writes a PNG panel,
+``metrics.json`` and ArviZ summaries of the E-step chains.
+
+Eight schools (:func:`eight_schools_demo`): NUTS on the auxiliary and the centered forms.
+:func:`run_all` runs both parts side by side, prints their headline numbers and writes
+``demo_metrics.json``.
 """
 
 from __future__ import annotations
@@ -12,6 +16,9 @@ from __future__ import annotations
 import json
 import threading
 import time
+import warnings
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -20,16 +27,21 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from emdppl import emd, generators, schedule, teachers
+import emdppl
+from emdppl import generators, schedule, teachers
 from emdppl.base import as_key
+from emdppl.models import EIGHT_SCHOOLS, eight_schools
 
 __all__ = [
     "DISTILL_OPTIONS",
+    "eight_schools_demo",
     "energy_distance",
     "mixtures",
     "mode_metrics",
     "format_table",
+    "run_all",
     "run_demo",
+    "seconds_per_10k",
     "teacher_draws",
 ]
 
@@ -43,15 +55,15 @@ DISTILL_OPTIONS: dict[str, Any] = {
 EMD_OPTIONS: dict[str, Any] = {"num_estep_steps": 8, "z_step_scale": 1.0}
 LEARNING_RATE = 3e-3  # Adam, after clipping the gradient's global norm at 1
 SIGMA_INIT = 0.5
-#: Generator latent scale relative to ``sigma_data``: ``from_teacher``'s default (~1.0) feeds the
-#: denoiser a Gaussian narrower than the grid's flat noisy marginal, starving its corner modes
-#: (grid25 at init: min mass/weight 0.52); 1.25 gives 0.77 at init.
+#: Generator latent scale relative to ``sigma_data``, above ``from_teacher``'s default (~1.0),
+#: which feeds the denoiser a Gaussian narrower than the grid's flat noisy marginal and so starves
+#: its corner modes (measured at initialisation: see benchmarks/README.md).
 INPUT_SCALE = 1.25
 #: The teacher's multi-step sampler as ``(solver, num_steps)``: DDIM at NFE 1, 2, 4, 18 and Heun
-#: at NFE 35 (EDM's default; at 2-4 steps Heun is far worse than DDIM, see ``ode_sample``).
+#: at NFE 35 (EDM's default; at few steps DDIM is the more accurate, see ``ode_sample``).
 TEACHER_SAMPLERS = (("ddim", 1), ("ddim", 2), ("ddim", 4), ("ddim", 18), ("heun", 18))
 SOLVER_LABELS = {"ddim": "DDIM", "heun": "Heun"}
-#: pyplot is not thread-safe: the CLI runs this demo next to the eight-schools one.
+#: pyplot is not thread-safe: :func:`run_all` runs this demo next to the eight-schools one.
 PLOT_LOCK = threading.Lock()
 
 
@@ -101,7 +113,11 @@ def energy_distance(x: jax.Array, y: jax.Array) -> jax.Array:
     return 2 * mean_dist(x, y) - mean_dist(x, x) - mean_dist(y, y)
 
 
-def _time_per_10k(sample_fn, rng_key) -> float:
+def seconds_per_10k(sample_fn: Callable[[Any], Any], rng_key: Any) -> float:
+    """Wall seconds of a warm call of ``sample_fn(rng_key) -> draws`` (10k of them, by the caller).
+
+    A first call on ``rng_key`` compiles; the timed call is on ``fold_in(rng_key, 1)``.
+    """
     jax.block_until_ready(sample_fn(rng_key))  # compile
     start = time.perf_counter()
     jax.block_until_ready(sample_fn(jax.random.fold_in(rng_key, 1)))
@@ -121,14 +137,14 @@ def _row(teacher, x, exact, nfe, seconds, extra=None) -> dict:
 
 def _distill(
     teacher, method, num_steps, rng_key, progress_bar=True
-) -> tuple[emd.DistillResult, float]:
+) -> tuple[emdppl.DistillResult, float]:
     generator = generators.from_teacher(
         teacher, key=jax.random.fold_in(rng_key, 7), sigma_init=SIGMA_INIT,
         input_scale=INPUT_SCALE * teacher.sigma_data,
     )
     options = {**DISTILL_OPTIONS, **(EMD_OPTIONS if method == "emd" else {})}
     start = time.perf_counter()
-    result = emd.distill(
+    result = emdppl.distill(
         teacher,
         generator,
         method=method,
@@ -157,7 +173,8 @@ def run_demo(
     out_dir
         Output folder (created).
     smoke
-        A short run (under a minute) that exercises every path.
+        A short run that exercises every path: ring8 only, DDIM at NFE 1 and 2, and
+        ``num_steps`` 30 by default (timing: see benchmarks/README.md).
     rng_key
         Seed.
     num_steps
@@ -202,7 +219,7 @@ def run_demo(
                 teacher, method, num_steps, jax.random.fold_in(k, 3), progress_bar
             )
             x = np.asarray(result.sample(jax.random.fold_in(k, 4), num_samples))
-            seconds = _time_per_10k(lambda r, res=result: res.sample(r, 10_000), k)
+            seconds = seconds_per_10k(lambda r, res=result: res.sample(r, 10_000), k)
             rows[method] = _row(teacher, x, exact, 1, seconds, {
                 "train_seconds": train_seconds,
                 "skipped_steps": int(result.state.num_skipped),
@@ -250,7 +267,7 @@ def teacher_draws(
         nfe = schedule.num_function_evaluations(steps, solver)
         key = jax.random.fold_in(as_key(rng_key), nfe)
         x = np.asarray(teacher.sample_ode(key, num_samples, num_steps=steps, solver=solver))
-        seconds = _time_per_10k(
+        seconds = seconds_per_10k(
             lambda r, s=steps, v=solver: teacher.sample_ode(r, 10_000, num_steps=s, solver=v), key
         )
         yield f"{solver}_nfe{nfe}", f"{SOLVER_LABELS[solver]} NFE {nfe}", nfe, x, seconds
@@ -276,3 +293,79 @@ def _panel(draws: dict, path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def eight_schools_demo(out_dir: Path, *, smoke: bool = False, rng_key: int = 0) -> dict:
+    """NUTS on eight schools, auxiliary vs centered: ArviZ summaries, trace and rank plots.
+
+    Writes ``eight_schools_summary.txt`` and ``eight_schools_{form}_{trace,rank}.png`` to
+    ``out_dir`` (which must exist) and returns ``{form: headline numbers}`` (divergences, max
+    R-hat, min bulk ESS, tau's mean, wall and compile seconds).
+    """
+    import arviz as az
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    size = (
+        dict(num_warmup=200, num_samples=200) if smoke else dict(num_warmup=1000, num_samples=1000)
+    )
+    algorithm = emdppl.MCMC("nuts", num_chains=4, target_accept=0.95, **size)
+    results, text = {}, []
+    for form, aux in (("auxiliary", True), ("centered", False)):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # the centered form's divergences
+            idata = emdppl.infer(
+                eight_schools,
+                algorithm,
+                model_kwargs=EIGHT_SCHOOLS,
+                rng_key=rng_key,
+                auxiliary=aux,
+                progress_bar=False,  # the distillation's bars run next to it (see run_all)
+            )
+        summary = az.summary(idata, var_names=["mu", "tau", "theta"])
+        results[form] = {
+            "divergences": int(idata.sample_stats["diverging"].sum()),
+            "max_r_hat": float(summary["r_hat"].max()),
+            "min_ess_bulk": float(summary["ess_bulk"].min()),
+            "tau_mean": float(summary.loc["tau", "mean"]),
+            "wall_seconds": float(idata.posterior.attrs["wall_seconds"]),
+            "compile_seconds": float(idata.posterior.attrs["compile_seconds"]),
+        }
+        text.append(f"== eight schools, {form} form, {algorithm}\n{summary.to_string()}\n")
+        for kind, plot in (("trace", az.plot_trace), ("rank", az.plot_rank)):
+            with PLOT_LOCK:
+                plot(idata, var_names=["mu", "tau"])
+                plt.gcf().suptitle(f"eight schools, {form} form: {kind}")
+                plt.tight_layout()
+                plt.savefig(out_dir / f"eight_schools_{form}_{kind}.png", dpi=90)
+                plt.close("all")
+    (out_dir / "eight_schools_summary.txt").write_text("\n".join(text))
+    return results
+
+
+def run_all(out_dir: Path, *, smoke: bool = False, rng_key: int = 0) -> dict:
+    """Both demos (``emdppl demo``): print their headline numbers, write ``demo_metrics.json``.
+
+    Returns ``{"eight_schools": eight_schools_demo(...), "distillation": run_demo(...)}``.
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    # The two parts are independent: run them in two threads, so that their (XLA, GIL-free)
+    # compilations overlap on a multi-core machine (a first run is mostly compilation).
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        distillation = pool.submit(
+            run_demo, out_dir, smoke=smoke, rng_key=rng_key, progress_bar=True
+        )
+        schools = eight_schools_demo(out_dir, smoke=smoke, rng_key=rng_key)
+        metrics = {"eight_schools": schools, "distillation": distillation.result()}
+    for form, m in metrics["eight_schools"].items():
+        print(
+            f"eight schools NUTS, {form:9}: {m['divergences']:3d} divergences, max R-hat "
+            f"{m['max_r_hat']:.2f}, min bulk ESS {m['min_ess_bulk']:.0f}, tau {m['tau_mean']:.2f}"
+        )
+    print(format_table(metrics["distillation"]))
+    (out_dir / "demo_metrics.json").write_text(json.dumps(metrics, indent=2, default=str))
+    print(f"wrote {sorted(p.name for p in out_dir.iterdir())} to {out_dir}")
+    return metrics

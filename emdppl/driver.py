@@ -1,7 +1,9 @@
 """The one driver: any :class:`~emdppl.base.Algorithm`, stepped in jitted ``lax.scan`` chunks.
 
 Python loops only over chunks (to update the progress bar and write checkpoints), never over
-steps or chains. Step ``i`` uses the key ``fold_in(rng_key, i)``, so a run resumed from a
+steps or chains. Checkpoints are ``.npz`` arrays and a JSON index (no pickle), appended chunk by
+chunk, and carry a fingerprint of the run so a directory reused by another run is refused.
+Step ``i`` uses the key ``fold_in(rng_key, i)``, so a run resumed from a
 checkpoint draws the same numbers as an uninterrupted one.
 
 The chunk function is compiled once per algorithm *structure*: ``algorithm`` is passed to
@@ -11,10 +13,13 @@ arguments and a second run on new data of the same shapes reuses the compiled co
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 import os
-import pickle
+import re
 from pathlib import Path
+from typing import Any
 
 import equinox as eqx
 import jax
@@ -24,9 +29,9 @@ from tqdm.auto import tqdm
 
 from emdppl.base import Algorithm, PRNGKey, PyTree, as_key
 
-__all__ = ["checkpoint_exists", "run"]
+__all__ = ["checkpoint_exists", "load_state", "run"]
 
-_CHECKPOINT = "checkpoint.pkl"
+_CHECKPOINT = "checkpoint.json"
 
 
 @eqx.filter_jit
@@ -99,8 +104,12 @@ def run(
     desc
         Label of the progress bar.
     checkpoint_dir
-        If given, the state and the trace so far are written there after every chunk, and a run
-        that finds a checkpoint of the same length there resumes from it.
+        If given, the state and each new chunk of the trace are written there after every chunk
+        (NumPy ``.npz`` files and a JSON index, never pickle: loading runs no code; each chunk
+        is written once, so the cost is linear in the run's length). A run that finds a
+        checkpoint there resumes from it, bit for bit, if it is the same run (a fingerprint of
+        the algorithm's data and settings, the state's layout, the key and the length); a
+        checkpoint of another run raises an error rather than returning its draws.
 
     Returns
     -------
@@ -123,9 +132,15 @@ def run(
     length = _chunk_length(num_records, max(1, math.ceil(num_records / num_chunks)))
 
     done, chunks = 0, []
-    path = Path(checkpoint_dir) / _CHECKPOINT if checkpoint_dir is not None else None
-    if path is not None and path.exists():
-        done, state, chunks = _load_checkpoint(path, num_records, thinning, state)
+    directory = Path(checkpoint_dir) if checkpoint_dir is not None else None
+    if directory is not None:
+        meta = {
+            "num_records": num_records,
+            "thinning": thinning,
+            "fingerprint": _fingerprint(algorithm, state, rng_key, num_records, thinning),
+        }
+        if (directory / _CHECKPOINT).exists():
+            done, state, chunks = _load_checkpoint(directory, meta, algorithm, state, rng_key)
 
     bar = tqdm(total=num_steps, initial=done * thinning, desc=desc, disable=not progress_bar)
     try:
@@ -134,15 +149,15 @@ def run(
             state, infos = _chunk(
                 algorithm, state, rng_key, jnp.asarray(done * thinning), n, thinning
             )
-            if path is None:  # start the copy to the host now, collect it at the end
+            if directory is None:  # start the copy to the host now, collect it at the end
                 jax.tree.map(lambda x: x.copy_to_host_async(), infos)
                 chunks.append(infos)
             else:
                 chunks.append(jax.device_get(infos))
             done += n
             bar.update(n * thinning)
-            if path is not None:
-                _save_checkpoint(path, num_records, thinning, done, state, chunks)
+            if directory is not None:
+                _save_checkpoint(directory, meta, done, state, chunks[-1], len(chunks) - 1)
     finally:
         bar.close()
     chunks = jax.device_get(chunks)
@@ -150,41 +165,129 @@ def run(
     return state, trace
 
 
-def _save_checkpoint(
-    path: Path, num_records: int, thinning: int, done: int, state: PyTree, chunks: list
-) -> None:
-    """Write atomically (temporary file, then rename) so an interrupted write loses nothing."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    payload = {
-        "num_records": num_records,
-        "thinning": thinning,
-        "done": done,
-        "state": jax.device_get(state),
-        "chunks": chunks,
-    }
-    tmp = path.with_suffix(".tmp")
+def _fingerprint(
+    algorithm: Algorithm, state: PyTree, rng_key: PRNGKey, num_records: int, thinning: int
+) -> str:
+    """SHA-256 of what decides a run: the algorithm's arrays (data, parameters) and static
+    structure (model, sampler, settings: reprs without memory addresses), the state's
+    structure, shapes and dtypes, the key, the length and the thinning."""
+    digest = hashlib.sha256()
+    arrays, static = eqx.partition((algorithm, state), eqx.is_array)
+    digest.update(_address_free(repr(jax.tree.structure(static))).encode())
+    for leaf in jax.tree.leaves(static):  # functions and other non-array leaves
+        code = getattr(leaf, "__code__", None)
+        digest.update(_address_free(repr(leaf)).encode())
+        if code is not None:
+            digest.update(code.co_code)
+    digest.update(_address_free(repr(jax.tree.structure(arrays))).encode())
+    algorithm_arrays, state_arrays = arrays
+    for leaf in jax.tree.leaves(algorithm_arrays):
+        digest.update(np.ascontiguousarray(_host(leaf)).tobytes())
+    for leaf in jax.tree.leaves(state_arrays):
+        digest.update(f"{jnp.shape(leaf)}{leaf.dtype}".encode())
+    digest.update(np.asarray(jax.random.key_data(rng_key)).tobytes())
+    digest.update(f"{num_records}/{thinning}".encode())
+    return digest.hexdigest()
+
+
+def _address_free(text: str) -> str:
+    return re.sub(r" at 0x[0-9a-f]+", "", text)
+
+
+def _host(leaf: Any) -> np.ndarray:
+    """A leaf as a NumPy array (typed PRNG keys as their raw key data)."""
+    if jax.dtypes.issubdtype(jnp.result_type(leaf), jax.dtypes.prng_key):
+        return np.asarray(jax.random.key_data(leaf))
+    return np.asarray(leaf)
+
+
+def _write_arrays(path: Path, tree: PyTree) -> None:
+    """The leaves of ``tree`` as ``leaf_<i>`` in an ``.npz`` (no pickle), written atomically."""
+    tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "wb") as f:
-        pickle.dump(payload, f)
+        np.savez(f, **{f"leaf_{i}": _host(x) for i, x in enumerate(jax.tree.leaves(tree))})
     os.replace(tmp, path)
 
 
-def _load_checkpoint(path: Path, num_records: int, thinning: int, like: PyTree) -> tuple:
-    with open(path, "rb") as f:
-        payload = pickle.load(f)
-    if (payload["num_records"], payload["thinning"]) != (num_records, thinning):
+def _read_arrays(path: Path, like: PyTree, as_jax: bool) -> PyTree:
+    """The tree written by :func:`_write_arrays`, with the structure and dtypes of ``like``."""
+    leaves, treedef = jax.tree.flatten(like)
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            stored = [data[f"leaf_{i}"] for i in range(len(leaves))]
+    except (OSError, ValueError, KeyError, EOFError) as err:
         raise ValueError(
-            f"checkpoint {path} belongs to a run of {payload['num_records'] * payload['thinning']} "
-            f"steps with thinning {payload['thinning']}, not {num_records * thinning} steps with "
-            f"thinning {thinning}; remove it or pass another checkpoint_dir."
+            f"checkpoint file {path} is unreadable or incomplete ({err}); remove its directory "
+            f"{path.parent} to start afresh."
+        ) from None
+    out = []
+    for ref, x in zip(leaves, stored, strict=True):
+        if jax.dtypes.issubdtype(jnp.result_type(ref), jax.dtypes.prng_key):
+            out.append(jax.random.wrap_key_data(jnp.asarray(x)))
+        elif as_jax:
+            out.append(jnp.asarray(x, dtype=jnp.result_type(ref)))
+        else:
+            out.append(x)
+    return jax.tree.unflatten(treedef, out)
+
+
+def _save_checkpoint(
+    directory: Path, meta: dict, done: int, state: PyTree, chunk: PyTree, index: int
+) -> None:
+    """Append chunk ``index`` of the trace, then the state, then the metadata (the last write
+    makes the checkpoint current, so an interrupted write loses nothing). Each chunk is written
+    once: the cost is linear in the length of the run."""
+    directory.mkdir(parents=True, exist_ok=True)
+    _write_arrays(directory / f"chunk_{index:05d}.npz", chunk)
+    _write_arrays(directory / "state.npz", jax.device_get(state))
+    meta = {**meta, "done": done, "num_chunks": index + 1}
+    tmp = directory / (_CHECKPOINT + ".tmp")
+    tmp.write_text(json.dumps(meta))
+    os.replace(tmp, directory / _CHECKPOINT)
+
+
+def _load_checkpoint(
+    directory: Path, meta: dict, algorithm: Algorithm, like: PyTree, rng_key: PRNGKey
+) -> tuple[int, PyTree, list]:
+    path = directory / _CHECKPOINT
+    try:
+        stored = json.loads(path.read_text())
+        done, num_chunks = int(stored["done"]), int(stored["num_chunks"])
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise ValueError(
+            f"checkpoint file {path} is unreadable ({err}); remove {directory} to start afresh."
+        ) from None
+    if (stored.get("num_records"), stored.get("thinning")) != (
+        meta["num_records"],
+        meta["thinning"],
+    ):
+        raise ValueError(
+            f"checkpoint {path} belongs to a run of "
+            f"{stored.get('num_records', 0) * stored.get('thinning', 1)} steps with thinning "
+            f"{stored.get('thinning')}, not {meta['num_records'] * meta['thinning']} steps with "
+            f"thinning {meta['thinning']}; remove it or pass another checkpoint_dir."
         )
-    state = jax.tree.map(
-        lambda ref, x: jnp.asarray(x, dtype=ref.dtype) if hasattr(ref, "dtype") else x,
-        like,
-        payload["state"],
-    )
-    return payload["done"], state, payload["chunks"]
+    if stored.get("fingerprint") != meta["fingerprint"]:
+        raise ValueError(
+            f"checkpoint {path} belongs to another run: the model, its data, the settings or the "
+            "seed differ from this one's, so resuming would return another run's draws. Remove "
+            f"{directory} or pass another checkpoint_dir."
+        )
+    state = _read_arrays(directory / "state.npz", like, as_jax=True)
+    _, info = jax.eval_shape(algorithm.step, rng_key, like)
+    chunks = [
+        _read_arrays(directory / f"chunk_{i:05d}.npz", info, as_jax=False)
+        for i in range(num_chunks)
+    ]
+    return done, state, chunks
 
 
 def checkpoint_exists(checkpoint_dir: str | os.PathLike | None) -> bool:
     """Whether ``checkpoint_dir`` holds a checkpoint that :func:`run` would resume from."""
     return checkpoint_dir is not None and (Path(checkpoint_dir) / _CHECKPOINT).exists()
+
+
+def load_state(checkpoint_dir: str | os.PathLike, like: PyTree) -> PyTree:
+    """The state saved in ``checkpoint_dir``, with the structure and dtypes of ``like`` (e.g.
+    the initial state): the last good state of a run that stopped."""
+    return _read_arrays(Path(checkpoint_dir) / "state.npz", like, as_jax=True)

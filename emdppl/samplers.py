@@ -14,6 +14,7 @@ own unadjusted Langevin ``ula``.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -170,8 +171,9 @@ def _flat_size(position: PyTree) -> int:
     return sum(jnp.size(leaf) for leaf in jax.tree.leaves(position))
 
 
-def _window_warmup(module: Any, kernel_options: Callable[[dict], dict]) -> Callable:
-    """Window adaptation (step size by dual averaging, diagonal or dense mass matrix)."""
+def _window_warmup(module: Any, option_names: tuple[str, ...] = ()) -> Callable:
+    """Window adaptation (step size by dual averaging, diagonal or dense mass matrix); the
+    ``option_names`` options are passed on to the kernel."""
 
     def warmup(
         rng_key: PRNGKey, position: PyTree, logdensity_fn: Callable, num_steps: int, options: dict
@@ -182,7 +184,7 @@ def _window_warmup(module: Any, kernel_options: Callable[[dict], dict]) -> Calla
             is_mass_matrix_diagonal=not options.get("dense_mass", False),
             initial_step_size=options.get("step_size", 1.0),
             target_acceptance_rate=options["target_accept"],
-            **kernel_options(options),
+            **{name: options[name] for name in option_names},
         )
         (result, _) = adaptation.run(rng_key, position, num_steps)
         return result.state, dict(result.parameters)
@@ -227,52 +229,34 @@ def _blackjax_init(module: Any) -> Callable:
     return init
 
 
-def _build_nuts(options: dict) -> Callable:
-    kernel = blackjax.nuts.build_kernel()
-    max_num_doublings = options["max_num_doublings"]
+def _kernel_builder(
+    build_kernel: Callable[[], Callable],
+    parameter_names: tuple[str, ...],
+    *,
+    defaulted: tuple[str, ...] = (),
+    keywords: tuple[str, ...] = (),
+) -> Callable[[dict], Callable]:
+    """A :attr:`Sampler.build_kernel` around a blackjax-style ``build_kernel()``.
 
-    def nuts_kernel(rng_key, state, logdensity_fn, parameters):
-        return kernel(
-            rng_key,
-            state,
-            logdensity_fn,
-            parameters["step_size"],
-            parameters["inverse_mass_matrix"],
-            max_num_doublings=max_num_doublings,
-        )
+    The built ``kernel(rng_key, state, target_fn, parameters)`` calls the low-level kernel as
+    ``kernel(rng_key, state, target_fn, *args, **kwargs)``: ``args`` are the ``parameter_names``
+    entries of ``parameters`` in order, then each ``defaulted`` name, from ``parameters`` when
+    present and from the options otherwise; ``kwargs`` are the ``keywords`` options.
+    """
 
-    return nuts_kernel
+    def build(options: dict) -> Callable:
+        kernel = build_kernel()
+        fallbacks = {name: options[name] for name in defaulted}
+        static = {name: options[name] for name in keywords}
 
+        def parameterized_kernel(rng_key, state, target_fn, parameters):
+            args = [parameters[name] for name in parameter_names]
+            args += [parameters.get(name, value) for name, value in fallbacks.items()]
+            return kernel(rng_key, state, target_fn, *args, **static)
 
-def _build_hmc(options: dict) -> Callable:
-    kernel = blackjax.hmc.build_kernel()
+        return parameterized_kernel
 
-    def hmc_kernel(rng_key, state, logdensity_fn, parameters):
-        return kernel(
-            rng_key,
-            state,
-            logdensity_fn,
-            parameters["step_size"],
-            parameters["inverse_mass_matrix"],
-            parameters.get("num_integration_steps", options["num_integration_steps"]),
-        )
-
-    return hmc_kernel
-
-
-def _build_barker(options: dict) -> Callable:
-    kernel = blackjax.barker.build_kernel()
-
-    def barker_kernel(rng_key, state, logdensity_fn, parameters):
-        return kernel(
-            rng_key,
-            state,
-            logdensity_fn,
-            parameters["step_size"],
-            parameters["inverse_mass_matrix"],
-        )
-
-    return barker_kernel
+    return build
 
 
 class _MALAWithMetricSlot:
@@ -295,15 +279,6 @@ class _MALAWithMetricSlot:
         return mala_kernel
 
 
-def _build_mala(options: dict) -> Callable:
-    kernel = blackjax.mala.build_kernel()
-
-    def mala_kernel(rng_key, state, logdensity_fn, parameters):
-        return kernel(rng_key, state, logdensity_fn, parameters["step_size"])
-
-    return mala_kernel
-
-
 def _drop_metric(warmup: Callable) -> Callable:
     def mala_warmup(rng_key, position, logdensity_fn, num_steps, options):
         state, parameters = warmup(rng_key, position, logdensity_fn, num_steps, options)
@@ -312,19 +287,34 @@ def _drop_metric(warmup: Callable) -> Callable:
     return mala_warmup
 
 
+def _window_adapted(
+    module: Any, *, defaulted: tuple[str, ...] = (), keywords: tuple[str, ...] = ()
+) -> dict:
+    """The :func:`register_sampler` arguments ``init``, ``build_kernel``, ``parameters`` and
+    ``warmup`` of a blackjax kernel ``kernel(..., step_size, inverse_mass_matrix, ...)`` with
+    Stan's window adaptation; ``defaulted`` and ``keywords`` as in :func:`_kernel_builder`, and
+    both passed on to the adaptation."""
+    return {
+        "init": _blackjax_init(module),
+        "build_kernel": _kernel_builder(
+            module.build_kernel,
+            ("step_size", "inverse_mass_matrix"),
+            defaulted=defaulted,
+            keywords=keywords,
+        ),
+        "parameters": _hmc_parameters,
+        "warmup": _window_warmup(module, defaulted + keywords),
+    }
+
+
 register_sampler(
     "nuts",
-    init=_blackjax_init(blackjax.nuts),
-    build_kernel=_build_nuts,
     stats=_nuts_stats,
     defaults={"target_accept": 0.8, "max_num_doublings": 10, "dense_mass": False, "step_size": 1.0},
-    parameters=_hmc_parameters,
-    warmup=_window_warmup(blackjax.nuts, lambda o: {"max_num_doublings": o["max_num_doublings"]}),
+    **_window_adapted(blackjax.nuts, keywords=("max_num_doublings",)),
 )
 register_sampler(
     "hmc",
-    init=_blackjax_init(blackjax.hmc),
-    build_kernel=_build_hmc,
     stats=_hmc_stats,
     defaults={
         "target_accept": 0.8,
@@ -332,29 +322,23 @@ register_sampler(
         "dense_mass": False,
         "step_size": 0.1,
     },
-    parameters=_hmc_parameters,
-    warmup=_window_warmup(
-        blackjax.hmc, lambda o: {"num_integration_steps": o["num_integration_steps"]}
-    ),
+    **_window_adapted(blackjax.hmc, defaulted=("num_integration_steps",)),
 )
 register_sampler(
     "mala",
     init=_blackjax_init(blackjax.mala),
-    build_kernel=_build_mala,
+    build_kernel=_kernel_builder(blackjax.mala.build_kernel, ("step_size",)),
     stats=_adjusted_stats,
     defaults={"target_accept": 0.574, "step_size": 0.1},
-    warmup=_drop_metric(_window_warmup(_MALAWithMetricSlot, lambda o: {})),
+    warmup=_drop_metric(_window_warmup(_MALAWithMetricSlot)),
     grads_per_step=1,
 )
 register_sampler(
     "barker",
-    init=_blackjax_init(blackjax.barker),
-    build_kernel=_build_barker,
     stats=_adjusted_stats,
     defaults={"target_accept": 0.4, "dense_mass": False, "step_size": 0.5},
-    parameters=_hmc_parameters,
-    warmup=_window_warmup(blackjax.barker, lambda o: {}),
     grads_per_step=1,
+    **_window_adapted(blackjax.barker),
 )
 
 
@@ -364,22 +348,6 @@ register_sampler(
 
 def _mclmc_init(position: PyTree, logdensity_fn: Callable, rng_key: PRNGKey) -> Any:
     return blackjax.mcmc.mclmc.init(position, logdensity_fn, rng_key)
-
-
-def _build_mclmc(options: dict) -> Callable:
-    kernel = blackjax.mcmc.mclmc.build_kernel()
-
-    def mclmc_kernel(rng_key, state, logdensity_fn, parameters):
-        return kernel(
-            rng_key,
-            state,
-            logdensity_fn,
-            parameters["inverse_mass_matrix"],
-            parameters["L"],
-            parameters["step_size"],
-        )
-
-    return mclmc_kernel
 
 
 def _mclmc_parameters(position: PyTree, options: dict) -> dict:
@@ -426,7 +394,9 @@ def _mclmc_stats(state: Any, info: Any) -> dict:
 register_sampler(
     "mclmc",
     init=_mclmc_init,
-    build_kernel=_build_mclmc,
+    build_kernel=_kernel_builder(
+        blackjax.mcmc.mclmc.build_kernel, ("inverse_mass_matrix", "L", "step_size")
+    ),
     stats=_mclmc_stats,
     defaults={"step_size": 0.5, "L": None, "diagonal_preconditioning": True},
     parameters=_mclmc_parameters,
@@ -445,89 +415,70 @@ def _position_init(position: PyTree, grad_fn: Callable, rng_key: PRNGKey) -> Pos
     return PositionState(position)
 
 
-def _build_ula(options: dict) -> Callable:
-    kernel = ula_module.build_kernel()
+def _stochastic_gradient_builder(
+    module: Any, option_names: tuple[str, ...], *, build_options: tuple[str, ...] = ()
+) -> Callable[[dict], Callable]:
+    """A :attr:`Sampler.build_kernel` around blackjax's ``sgld`` or ``sghmc``, on the full gradient.
 
-    def ula_kernel(rng_key, state, grad_fn, parameters):
-        return kernel(rng_key, state, grad_fn, parameters["step_size"])
+    The low-level kernel, ``module.build_kernel(**build_options)``, is called as
+    ``kernel(rng_key, position, grad_estimator, None, step_size, *options)`` with the
+    ``option_names`` options in order; ``n_grad_evals`` is ``num_integration_steps`` (else 1).
+    """
 
-    return ula_kernel
+    def build(options: dict) -> Callable:
+        kernel = module.build_kernel(**{name: options[name] for name in build_options})
+        static = [options[name] for name in option_names]
+        num_grad_evals = options.get("num_integration_steps", 1)
 
+        def stochastic_gradient_kernel(rng_key, state, grad_fn, parameters):
+            position = kernel(
+                rng_key,
+                state.position,
+                lambda x, _: grad_fn(x),
+                None,
+                parameters["step_size"],
+                *static,
+            )
+            return PositionState(position), {
+                "n_grad_evals": jnp.full((), num_grad_evals, jnp.int32)
+            }
 
-def _build_sgld(options: dict) -> Callable:
-    kernel = blackjax.sgld.build_kernel()
-    temperature = options["temperature"]
+        return stochastic_gradient_kernel
 
-    def sgld_kernel(rng_key, state, grad_fn, parameters):
-        position = kernel(
-            rng_key,
-            state.position,
-            lambda x, _: grad_fn(x),
-            None,
-            parameters["step_size"],
-            temperature,
-        )
-        return PositionState(position), {"n_grad_evals": jnp.ones((), jnp.int32)}
-
-    return sgld_kernel
-
-
-def _build_sghmc(options: dict) -> Callable:
-    kernel = blackjax.sghmc.build_kernel(alpha=options["alpha"])
-    num_integration_steps = options["num_integration_steps"]
-    temperature = options["temperature"]
-
-    def sghmc_kernel(rng_key, state, grad_fn, parameters):
-        position = kernel(
-            rng_key,
-            state.position,
-            lambda x, _: grad_fn(x),
-            None,
-            parameters["step_size"],
-            num_integration_steps,
-            temperature,
-        )
-        return PositionState(position), {
-            "n_grad_evals": jnp.full((), num_integration_steps, jnp.int32)
-        }
-
-    return sghmc_kernel
+    return build
 
 
 def _info_stats(state: Any, info: dict) -> dict:
     return dict(info)
 
 
-register_sampler(
+def _ula_stats(state: Any, info: Any) -> dict:
+    return {"grad_norm": info.grad_norm, "n_grad_evals": jnp.ones((), jnp.int32)}
+
+
+#: :func:`register_sampler` for an unadjusted kernel driven by ``grad_fn`` alone.
+_register_gradient_only = functools.partial(
+    register_sampler, init=_position_init, stats=_info_stats, needs_logdensity=False, is_exact=False
+)
+
+_register_gradient_only(
     "ula",
     init=lambda position, grad_fn, rng_key: ula_module.init(position),
-    build_kernel=_build_ula,
-    stats=lambda state, info: {
-        "grad_norm": info.grad_norm,
-        "n_grad_evals": jnp.ones((), jnp.int32),
-    },
+    build_kernel=_kernel_builder(ula_module.build_kernel, ("step_size",)),
+    stats=_ula_stats,
     defaults={"step_size": 0.01},
     grads_per_step=1,
-    needs_logdensity=False,
-    is_exact=False,
 )
-register_sampler(
+_register_gradient_only(
     "sgld",
-    init=_position_init,
-    build_kernel=_build_sgld,
-    stats=_info_stats,
+    build_kernel=_stochastic_gradient_builder(blackjax.sgld, ("temperature",)),
     defaults={"step_size": 0.01, "temperature": 1.0},
     grads_per_step=1,
-    needs_logdensity=False,
-    is_exact=False,
 )
-register_sampler(
+_register_gradient_only(
     "sghmc",
-    init=_position_init,
-    build_kernel=_build_sghmc,
-    stats=_info_stats,
+    build_kernel=_stochastic_gradient_builder(
+        blackjax.sghmc, ("num_integration_steps", "temperature"), build_options=("alpha",)
+    ),
     defaults={"step_size": 0.05, "num_integration_steps": 10, "alpha": 0.5, "temperature": 1.0},
-    grads_per_step=None,
-    needs_logdensity=False,
-    is_exact=False,
 )

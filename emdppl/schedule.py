@@ -91,7 +91,8 @@ def ode_sample(
     first ``num_steps`` levels of the ``num_steps + 1``-level grid, the last step jumping from
     the lowest of them to 0 (so that no evaluation is spent at ``sigma_min``, where the
     denoiser is the identity). At very few steps DDIM is the more accurate of the two: Heun's
-    correction is evaluated at the end of a step that spans most of the noise range.
+    correction is evaluated at the end of a step that spans most of the noise range (measured:
+    see benchmarks/README.md).
 
     Parameters
     ----------

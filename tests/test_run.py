@@ -11,7 +11,7 @@ import pytest
 
 import emdppl
 
-# ``emdppl.run`` is the function; the module is reached through ``sys.modules``.
+# ``emdppl.run`` is the function; its module is ``emdppl.driver``.
 run_module = importlib.import_module("emdppl.driver")
 
 
@@ -135,7 +135,7 @@ def test_checkpoint_resume_is_exact(tmp_path, monkeypatch):
 
     def save_then_interrupt(*args):
         save(*args)
-        saves.append(args[3])  # records done
+        saves.append(args[2])  # records done
         if len(saves) == 2:
             raise _Interrupted
 
@@ -194,3 +194,45 @@ def test_mismatched_checkpoint_raises(tmp_path, num_steps, thinning):
             checkpoint_dir=tmp_path,
             progress_bar=False,
         )
+
+
+def test_checkpoint_of_another_run_is_refused_and_never_pickled(tmp_path):
+    """A directory reused with other data, another seed or other settings raises instead of
+    returning the old draws; the files are arrays + JSON that load without running code."""
+    target = emdppl.Target.from_logdensity(_logdensity, jnp.zeros(2), num_chains=2)
+    kwargs = dict(checkpoint_dir=tmp_path, num_chunks=3, progress_bar=False)
+    algorithm = emdppl.mcmc_algorithm("mala", target.logdensity_fn, step_size=0.5)
+    state = _mala_state(algorithm)
+    emdppl.run(0, algorithm, 12, state, **kwargs)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "checkpoint.json", "chunk_00000.npz", "chunk_00001.npz", "chunk_00002.npz", "state.npz"
+    ]
+    for path in tmp_path.glob("*.npz"):
+        np.load(path, allow_pickle=False)  # plain arrays
+    other_settings = emdppl.mcmc_algorithm("mala", target.logdensity_fn, step_size=0.4)
+    shifted = emdppl.mcmc_algorithm("mala", lambda x: _logdensity(x - 1.0), step_size=0.5)
+    for rng_key, alg in ((1, algorithm), (0, other_settings), (0, shifted)):
+        with pytest.raises(ValueError, match="belongs to another run"):
+            emdppl.run(rng_key, alg, 12, state, **kwargs)
+    (tmp_path / "state.npz").write_bytes(b"garbage")
+    with pytest.raises(ValueError, match=r"state.npz is unreadable.*remove"):
+        emdppl.run(0, algorithm, 12, state, **kwargs)
+
+
+def test_mcmc_checkpoint_reused_with_new_data_raises(tmp_path):
+    """The reported case: the same checkpoint_dir with new data ran warm-up and returned the
+    old draws. Now the data are part of the fingerprint."""
+    import numpyro
+    import numpyro.distributions as dist
+
+    def model(y):
+        mu = numpyro.sample("mu", dist.Normal(0.0, 10.0))
+        numpyro.sample("y", dist.Normal(mu, 1.0), obs=y)
+
+    mcmc = emdppl.MCMC("mala", num_warmup=50, num_samples=30, num_chains=2,
+                       checkpoint_dir=str(tmp_path))
+    first = emdppl.infer(model, mcmc, model_kwargs=dict(y=jnp.zeros(5)), progress_bar=False)
+    again = emdppl.infer(model, mcmc, model_kwargs=dict(y=jnp.zeros(5)), progress_bar=False)
+    np.testing.assert_array_equal(first.posterior["mu"], again.posterior["mu"])  # resumed
+    with pytest.raises(ValueError, match="belongs to another run"):
+        emdppl.infer(model, mcmc, model_kwargs=dict(y=jnp.ones(5)), progress_bar=False)

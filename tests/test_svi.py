@@ -221,7 +221,7 @@ def test_checkpoint_resume(tmp_path):
     y = np.ones(5)
     svi = emdppl.SVI("auto_normal", num_steps=300, num_chunks=3, checkpoint_dir=str(tmp_path))
     first = svi.fit(0, normal_normal, model_args=(y,), progress_bar=False)
-    assert (tmp_path / "checkpoint.pkl").exists()
+    assert (tmp_path / "checkpoint.json").exists()
     resumed = svi.fit(0, normal_normal, model_args=(y,), progress_bar=False)  # 0 steps to run
     np.testing.assert_array_equal(first.losses, resumed.losses)
     for k, v in first.params.items():
