@@ -11,14 +11,19 @@ Layout, lower layers first (a module imports only from the lines above it):
 
 - ``base``: ``Algorithm(init, step)``, PRNG keys, pytree helpers.
 - ``timing``: wall and compile seconds (JAX monitoring events).
+- ``diagnostics``: what Stan checks after a run (R-hat, ESS, divergences, E-BFMI, tree depth,
+  step size, non-finite draws), one warning naming the sites and the fix.
 - ``driver``: :func:`run`, any Algorithm in jitted ``lax.scan`` chunks; checkpoints, resume.
 - ``kernels/ula``: the unadjusted Langevin kernel, in blackjax's shape.
 - ``samplers``: the one sampler registry over blackjax kernels.
 - ``reparam``: the auxiliary form (one reparam family table for NumPyro and Pyro).
 - ``target``: :class:`Target`, a NumPyro model's log density and postprocessing.
+- ``predictive``: a NumPyro model's sites, plate dims, pointwise log likelihood and
+  predictive draws (its Pyro twin: ``bridge/pyro_predictive``).
 - ``problem``: :class:`Problem`, a model (NumPyro, Pyro or a Target) and its arguments; the
   only module that tells backends apart.
-- ``inference_data``: the one adapter to ArviZ.
+- ``inference_data``: the one adapter to ArviZ, and the one place an algorithm's result gets
+  the model's groups (:func:`~emdppl.inference_data.add_model_groups`).
 - ``mcmc``, ``svi``: MCMC over many chains; SVI (AEVB), both as Algorithms with settings.
 - ``schedule``: the VE/EDM noise schedule and the teachers' ODE samplers.
 - ``losses``: denoising score matching, the M-step surrogate, its weighting.
@@ -28,7 +33,8 @@ Layout, lower layers first (a module imports only from the lines above it):
 - ``emd``: EM distillation as ``init`` / ``build_kernel`` / ``as_top_level_api``.
 - ``distillation``: the driver :func:`distill`, :class:`DistillResult`, :class:`EMD`.
 - ``infer``: :func:`infer`, one call for every algorithm.
-- ``bridge/``: torch and Pyro, imported lazily (callback, torch teacher, Pyro model, target, SVI).
+- ``bridge/``: torch and Pyro, imported lazily (callback, torch teacher, Pyro model, target,
+  predictive, SVI).
 - ``models``, ``demo``, ``cli``: the bundled eight schools, ``emdppl demo``, the command line.
 """
 

@@ -11,15 +11,17 @@ MCMC, SVI and EM distillation each build one, and :func:`emdppl.run` drives any 
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
+import numpy as np
 
 PRNGKey = jax.Array
 PyTree = Any
 
-__all__ = ["Algorithm", "PRNGKey", "PyTree", "as_key", "tree_all_finite"]
+__all__ = ["Algorithm", "PRNGKey", "PyTree", "as_key", "caller_stacklevel", "tree_all_finite"]
 
 
 class Algorithm(NamedTuple):
@@ -38,18 +40,40 @@ class Algorithm(NamedTuple):
 
 
 def as_key(rng_key: int | jax.Array) -> jax.Array:
-    """Return a typed JAX PRNG key from an int seed, a raw ``uint32[2]`` key or a typed key."""
-    if isinstance(rng_key, int):
-        return jax.random.key(rng_key)
-    rng_key = jax.numpy.asarray(rng_key) if not hasattr(rng_key, "dtype") else rng_key
-    if jax.dtypes.issubdtype(rng_key.dtype, jax.dtypes.prng_key):
-        return rng_key
-    if rng_key.shape == (2,) and rng_key.dtype == jax.numpy.uint32:
-        return jax.random.wrap_key_data(rng_key)
+    """Return a typed JAX PRNG key from an int seed (Python or NumPy integer), a raw
+    ``uint32[2]`` key or a typed key; anything else is a ``TypeError`` saying what to pass."""
+    if isinstance(rng_key, (int, np.integer)) and not isinstance(rng_key, bool):
+        return jax.random.key(int(rng_key))
+    if isinstance(rng_key, (jax.Array, np.ndarray)):
+        if jax.dtypes.issubdtype(rng_key.dtype, jax.dtypes.prng_key):
+            return rng_key
+        if rng_key.shape == (2,) and rng_key.dtype == np.uint32:
+            return jax.random.wrap_key_data(rng_key)
+        if rng_key.shape == () and np.issubdtype(rng_key.dtype, np.integer):
+            return jax.random.key(int(rng_key))
     raise TypeError(
-        f"rng_key must be an int seed or a JAX PRNG key, got {type(rng_key).__name__} "
-        f"with shape {getattr(rng_key, 'shape', None)}; pass e.g. rng_key=0 or jax.random.key(0)."
+        f"rng_key must be an int seed or a JAX PRNG key, got {type(rng_key).__name__}"
+        f"{f' with shape {rng_key.shape}' if hasattr(rng_key, 'shape') else f' {rng_key!r}'}; "
+        "pass e.g. rng_key=0 or jax.random.key(0)."
     )
+
+
+def caller_stacklevel() -> int:
+    """``stacklevel`` for ``warnings.warn`` that points at the first frame outside emdppl (the
+    user's line), however deep inside the package the warning is raised."""
+    frame, level = sys._getframe(1), 1
+    while frame is not None and (
+        frame.f_globals.get("__name__", "").split(".")[0] in _LIBRARY_FRAMES
+        or frame.f_code.co_filename.startswith("<")
+    ):
+        frame, level = frame.f_back, level + 1
+    return level
+
+
+#: Packages whose frames stand between a user's call and an emdppl warning (tracing, handlers).
+_LIBRARY_FRAMES = frozenset(
+    {"emdppl", "dataclasses", "jax", "jaxlib", "equinox", "numpyro", "contextlib", "functools"}
+)
 
 
 def tree_all_finite(tree: PyTree) -> jax.Array:

@@ -17,6 +17,7 @@ import warnings
 
 import optax
 
+from emdppl.base import caller_stacklevel
 from emdppl.samplers import get_sampler
 
 __all__ = ["DistillConfig", "METHODS", "NOISE_CANCELLATIONS", "WEIGHTINGS"]
@@ -223,7 +224,7 @@ def _resolved_estep(config: DistillConfig) -> dict:
             "signal (the generator diverges on the 2-D mixtures, benchmarks/README.md). Use "
             "K >= 2, update_z=False (K-step Diff-Instruct) or noise_cancellation='none'.",
             UserWarning,
-            stacklevel=_caller_level(),
+            stacklevel=caller_stacklevel(),
         )
     return {
         "num_estep_steps": num_estep_steps,
@@ -231,15 +232,3 @@ def _resolved_estep(config: DistillConfig) -> dict:
         "noise_cancellation": cancellation,
     }
 
-
-def _caller_level() -> int:
-    """Stack level of the first frame outside emdppl and dataclasses (the user's line)."""
-    import sys
-
-    frame, level = sys._getframe(1), 1
-    while frame is not None and (
-        frame.f_globals.get("__name__", "").startswith(("emdppl", "dataclasses"))
-        or frame.f_code.co_filename.startswith("<string>")
-    ):
-        frame, level = frame.f_back, level + 1
-    return level

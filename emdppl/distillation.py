@@ -23,7 +23,7 @@ from jax.flatten_util import ravel_pytree
 
 from emdppl import emd
 from emdppl import generators as generators_module
-from emdppl.base import Algorithm, PRNGKey, as_key
+from emdppl.base import Algorithm, PRNGKey, as_key, caller_stacklevel
 from emdppl.distill_config import DistillConfig
 from emdppl.driver import checkpoint_exists, run
 from emdppl.estep import run_chain
@@ -227,7 +227,7 @@ def _warn_z_drift(z_rms: np.ndarray, update_z: bool) -> None:
         "this teacher and the generator is trained on latents it never sees when sampling. "
         "Lower z_step_scale / max_z_step (e.g. 10x) or set update_z=False.",
         RuntimeWarning,
-        stacklevel=3,
+        stacklevel=caller_stacklevel(),
     )
 
 

@@ -9,7 +9,6 @@ runs warm-up and sampling on a :class:`~emdppl.target.Target` and returns arrays
 from __future__ import annotations
 
 import time
-import warnings
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, NamedTuple
 
@@ -19,6 +18,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from emdppl.base import Algorithm, PRNGKey, PyTree, as_key
+from emdppl.diagnostics import check_constrained, check_mcmc, warn
 from emdppl.driver import run
 from emdppl.inference_data import to_arviz
 from emdppl.samplers import Sampler, get_sampler
@@ -135,6 +135,8 @@ class MCMCResult(NamedTuple):
         The final :class:`MCMCState` (to continue sampling).
     timing
         ``{"warmup_seconds", "sampling_seconds"}`` wall-clock, compilation included.
+    warnings
+        The problems :func:`emdppl.diagnostics.check_mcmc` found (empty: none).
     """
 
     positions: PyTree
@@ -142,6 +144,7 @@ class MCMCResult(NamedTuple):
     parameters: dict
     state: MCMCState
     timing: dict
+    warnings: list = []
 
 
 class MCMC:
@@ -207,9 +210,16 @@ class MCMC:
         )
 
     def sample(
-        self, rng_key: int | PRNGKey, target: Target, *, progress_bar: bool = True
+        self,
+        rng_key: int | PRNGKey,
+        target: Target,
+        *,
+        progress_bar: bool = True,
+        is_auxiliary: bool = True,
     ) -> MCMCResult:
-        """Warm up and sample every chain of ``target`` (``initial_position`` sets the chains)."""
+        """Warm up and sample every chain of ``target`` (``initial_position`` sets the chains),
+        then check the run as Stan does (:func:`emdppl.diagnostics.check_mcmc`: one warning
+        listing every problem; ``is_auxiliary`` tells the divergence advice which form ran)."""
         sampler = get_sampler(self.sampler)
         frozen = tuple(sorted(self.options.items()))
         warmup_key, init_key, sample_key = jax.random.split(as_key(rng_key), 3)
@@ -258,14 +268,21 @@ class MCMC:
             stats["step_size"] = np.broadcast_to(
                 step_size[:, None], (target.num_chains, self.num_samples)
             )
-        _warn_divergences(stats, self.sampler)
-        _warn_non_finite(positions, self.sampler)
+        problems = check_mcmc(
+            positions,
+            stats,
+            self.sampler,
+            is_auxiliary=is_auxiliary,
+            max_tree_depth=self.options.get("max_num_doublings"),
+        )
+        warn(problems, f"emdppl.MCMC({self.sampler!r})")
         return MCMCResult(
             positions,
             stats,
             jax.device_get(state.parameters),
             state,
             {"warmup_seconds": warmup_seconds, "sampling_seconds": sampling_seconds},
+            problems,
         )
 
     def infer(
@@ -275,8 +292,12 @@ class MCMC:
         target_key, sample_key = jax.random.split(as_key(rng_key))
         with stopwatch() as watch:
             target = problem.target(self.num_chains, target_key)
-            result = self.sample(sample_key, target, progress_bar=progress_bar)
+            result = self.sample(
+                sample_key, target, progress_bar=progress_bar, is_auxiliary=problem.is_auxiliary
+            )
             posterior = target.postprocess(result.positions)
+        constrained = check_constrained(posterior)
+        warn(constrained, f"emdppl.MCMC({self.sampler!r})")
         attrs = {
             "algorithm": "mcmc",
             "sampler": self.sampler,
@@ -288,40 +309,6 @@ class MCMC:
             "wall_seconds": watch.wall_seconds,
             "compile_seconds": watch.compile_seconds,
             **result.timing,
+            "warnings": [*result.warnings, *constrained],
         }
         return to_arviz(posterior, result.stats, attrs)
-
-
-def _warn_non_finite(positions: PyTree, sampler: str) -> None:
-    """Warn when draws are NaN/inf: names the chains and the first bad draw of each."""
-    leaves = [np.asarray(x) for x in jax.tree.leaves(positions)]
-    bad = np.zeros(leaves[0].shape[:2], bool)  # (chain, draw)
-    for x in leaves:
-        bad |= ~np.isfinite(x.reshape(*x.shape[:2], -1)).all(-1)
-    chains = np.flatnonzero(bad.any(1))
-    if chains.size:
-        first = {int(c): int(np.argmax(bad[c])) for c in chains}
-        warnings.warn(
-            f"{chains.size} of {bad.shape[0]} {sampler} chains produced non-finite draws "
-            f"(chain: first bad draw {first}): the kernel is unstable at this step size. "
-            f"Lower it (emdppl.MCMC({sampler!r}, step_size=...)), use a sampler with warm-up "
-            "and a Metropolis step (nuts, mala), or check the model's log density for NaN/inf.",
-            RuntimeWarning,
-            stacklevel=3,
-        )
-
-
-def _warn_divergences(stats: dict, sampler: str) -> None:
-    if "diverging" not in stats:
-        return
-    count = int(np.sum(stats["diverging"]))
-    if count:
-        total = stats["diverging"].size
-        warnings.warn(
-            f"{count} of {total} {sampler} transitions diverged: the draws may be biased. "
-            "Sample the "
-            "auxiliary form (emdppl.infer(..., auxiliary=True), the default) or raise the target "
-            f"acceptance, e.g. emdppl.MCMC({sampler!r}, target_accept=0.95).",
-            RuntimeWarning,
-            stacklevel=3,
-        )

@@ -103,11 +103,14 @@ def register_sampler(
     grads_per_step: int | None = None,
     needs_logdensity: bool = True,
     is_exact: bool = True,
+    replace: bool = False,
 ) -> Sampler:
     """Add a sampler to the registry and return it.
 
     See :class:`Sampler` for the meaning of each argument. Registering a name twice is a
-    ``ValueError``.
+    ``ValueError`` unless ``replace=True`` (e.g. re-running a notebook cell that defines it).
+    Without ``parameters``, the kernel's parameters are ``{"step_size": options["step_size"]}``,
+    so ``defaults`` must give a ``step_size``.
 
     Examples
     --------
@@ -124,12 +127,24 @@ def register_sampler(
     ...     defaults={"step_size": 0.01}, grads_per_step=1, needs_logdensity=False, is_exact=False,
     ... )  # doctest: +SKIP
     """
-    if name in SAMPLERS:
+    if not isinstance(name, str) or not name:
+        raise TypeError(f"a sampler's name must be a non-empty str, got {name!r}.")
+    if name in SAMPLERS and not replace:
         raise ValueError(
-            f"a sampler named {name!r} is already registered; registered samplers: {samplers()}."
+            f"a sampler named {name!r} is already registered; registered samplers: {samplers()}. "
+            "Pass replace=True to register it anew."
         )
+    for what, fn in (("init", init), ("build_kernel", build_kernel), ("stats", stats)):
+        if not callable(fn):
+            raise TypeError(f"register_sampler({name!r}): {what} must be callable, got {fn!r}.")
     defaults = dict(defaults or {})
     if parameters is None:
+        if "step_size" not in defaults:
+            raise ValueError(
+                f"register_sampler({name!r}): without a parameters function the kernel gets "
+                "{'step_size': options['step_size']}, so defaults needs a 'step_size' (e.g. "
+                "defaults={'step_size': 0.1}); or pass parameters=..."
+            )
 
         def parameters(position: PyTree, options: dict) -> dict:
             return {"step_size": jnp.asarray(options["step_size"], jnp.float32)}

@@ -15,13 +15,14 @@ from collections.abc import Callable
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+import numpy as np
 import numpyro
 from numpyro import handlers
 from numpyro.distributions import biject_to
 from numpyro.infer.initialization import init_to_uniform
 from numpyro.infer.util import constrain_fn, find_valid_initial_params, potential_energy
 
-from emdppl.base import PRNGKey, PyTree, as_key
+from emdppl.base import PRNGKey, PyTree, as_key, caller_stacklevel
 from emdppl.reparam import auxiliary as make_auxiliary
 
 __all__ = ["NumPyroLogDensity", "NumPyroPostprocess", "Target"]
@@ -68,13 +69,30 @@ class NumPyroPostprocess(eqx.Module):
         )
 
 
+def _trace_at_init(
+    model: Callable, model_args: tuple, model_kwargs: dict, rng_key: PRNGKey
+) -> dict:
+    """A trace of the model with continuous latents at ``init_to_uniform`` values (so latents
+    that cannot be sampled, e.g. ``dist.ImproperUniform`` flat priors, work); discrete latents
+    are drawn from their prior, observed sites keep their data."""
+    uniform = init_to_uniform(radius=2.0)
+
+    def init_value(site: dict):
+        if site["type"] != "sample" or site["is_observed"] or site["fn"].is_discrete:
+            return None
+        return uniform(site)
+
+    seeded = handlers.substitute(handlers.seed(model, rng_key), substitute_fn=init_value)
+    return handlers.trace(seeded).get_trace(*model_args, **model_kwargs)
+
+
 def _prototype(
     model: Callable, model_args: tuple, model_kwargs: dict, rng_key: PRNGKey, is_auxiliary: bool
 ) -> dict:
     """Unconstrained values of the latents at a prior draw, after rejecting discrete latents
     and models without latents, and warning about latents left centered. Runs at trace time,
     once per compile."""
-    trace = handlers.trace(handlers.seed(model, rng_key)).get_trace(*model_args, **model_kwargs)
+    trace = _trace_at_init(model, model_args, model_kwargs, rng_key)
     latents = [k for k, s in trace.items() if s["type"] == "sample" and not s["is_observed"]]
     discrete = [k for k in latents if trace[k]["fn"].is_discrete]
     if discrete:
@@ -85,14 +103,20 @@ def _prototype(
         )
     if not latents:
         raise ValueError("the model has no latent sample sites: there is nothing to infer.")
-    centered = [k for k in latents if not k.endswith("_decentered")]
+    # flat priors (ImproperUniform) have no scale to take out: nothing to warn about
+    centered = [
+        k
+        for k in latents
+        if not k.endswith("_decentered")
+        and not isinstance(trace[k]["fn"], numpyro.distributions.ImproperUniform)
+    ]
     if is_auxiliary and centered:
         families = {k: type(trace[k]["fn"]).__name__ for k in centered}
         warnings.warn(
             f"site(s) left centered by auxiliary(): {families}; they are sampled on their "
             "unconstrained scale. emdppl.check_auxiliary(model, ...) says why and how to fix it.",
             UserWarning,
-            stacklevel=2,
+            stacklevel=caller_stacklevel(),
         )
     return {k: biject_to(trace[k]["fn"].support).inv(trace[k]["value"]) for k in latents}
 
@@ -129,12 +153,43 @@ def _site_log_probs(
     model: Callable, model_args: tuple, model_kwargs: dict, rng_key: PRNGKey
 ) -> dict:
     """Summed log probability of every sample site at a prior draw (to name a NaN/inf site)."""
-    trace = handlers.trace(handlers.seed(model, rng_key)).get_trace(*model_args, **model_kwargs)
+    trace = _trace_at_init(model, model_args, model_kwargs, rng_key)
     return {
         k: float(jnp.sum(s["fn"].log_prob(s["value"])))
         for k, s in trace.items()
         if s["type"] == "sample"
     }
+
+
+def _check_sites(
+    model: Callable, model_args: tuple, model_kwargs: dict, rng_key: PRNGKey, auxiliary: bool
+) -> None:
+    """Refuse, naming the site, data outside the support of its likelihood (their log density
+    would be silently finite or -inf) and, for the auxiliary form, a site already named
+    ``<latent>_decentered`` (NumPyro would stop on a bare assertion)."""
+    from emdppl.reparam import DECENTERED
+
+    with numpyro.validation_enabled(False):
+        trace = _trace_at_init(model, model_args, model_kwargs, rng_key)
+    outside = {}
+    for name, site in trace.items():
+        if site["type"] == "sample" and site["is_observed"]:
+            inside = np.asarray(site["fn"].support(site["value"]))
+            if not inside.all():
+                outside[name] = f"{int((~inside).sum())} of {inside.size} values outside " + (
+                    f"{type(site['fn']).__name__}'s support {site['fn'].support}"
+                )
+    if outside:
+        raise ValueError(
+            f"data NaN/inf or outside the likelihood's support at observed site(s) "
+            f"{sorted(outside)}: {outside}. Check the data or the likelihood."
+        )
+    clashes = sorted(k for k in trace if k + DECENTERED in trace)
+    if auxiliary and clashes:
+        raise ValueError(
+            f"site(s) {[k + DECENTERED for k in clashes]} clash with the names the auxiliary form "
+            f"gives the noise of {clashes}: rename them in the model, or pass auxiliary=False."
+        )
 
 
 def check_model_arguments(model: Callable, model_args: tuple, model_kwargs: dict) -> None:
@@ -244,6 +299,7 @@ class Target(eqx.Module):
         if num_chains < 1:
             raise ValueError(f"num_chains must be >= 1, got {num_chains}.")
         check_model_arguments(model, tuple(model_args), model_kwargs)
+        _check_sites(model, tuple(model_args), model_kwargs, as_key(rng_key), auxiliary)
         log_density = NumPyroLogDensity(model, auxiliary, tuple(model_args), model_kwargs)
         postprocess = NumPyroPostprocess(model, auxiliary, tuple(model_args), model_kwargs)
         keys = jax.random.split(as_key(rng_key), num_chains)

@@ -373,3 +373,38 @@ def test_unknown_sampler_option_rejected():
         emdppl.MCMC("nuts", step=0.1)
     with pytest.raises(ValueError, match=r"no option\(s\) \['target_accept'\]"):
         emdppl.mcmc_algorithm("ula", lambda x: -0.5 * x @ x, target_accept=0.9)
+
+
+def test_registration_checks_early_and_can_replace():
+    ula = emdppl.get_sampler("ula")
+    kwargs = dict(init=ula.init, build_kernel=ula.build_kernel, stats=ula.stats,
+                  needs_logdensity=False, is_exact=False, grads_per_step=1)
+    with pytest.raises(ValueError, match="defaults needs a 'step_size'"):
+        emdppl.register_sampler("my_ula_no_step", **kwargs)
+    assert "my_ula_no_step" not in emdppl.samplers()
+    with pytest.raises(TypeError, match="init must be callable"):
+        emdppl.register_sampler("my_ula_bad", **{**kwargs, "init": None}, defaults={"step_size": 1})
+    try:
+        first = emdppl.register_sampler("my_ula", **kwargs, defaults={"step_size": 0.1})
+        again = emdppl.register_sampler("my_ula", **kwargs, defaults={"step_size": 0.2},
+                                        replace=True)  # a notebook cell run twice
+        assert emdppl.get_sampler("my_ula") is again and again is not first
+        target = emdppl.Target.from_logdensity(lambda x: -0.5 * x @ x, jnp.zeros(2), num_chains=2)
+        result = emdppl.MCMC("my_ula", num_warmup=0, num_samples=5, num_chains=2).sample(
+            0, target, progress_bar=False
+        )
+        assert np.isfinite(np.asarray(result.positions)).all()
+    finally:
+        from emdppl.samplers import SAMPLERS
+
+        SAMPLERS.pop("my_ula", None)
+
+
+def test_rng_key_accepts_numpy_integers_and_refuses_strings():
+    target = emdppl.Target.from_logdensity(lambda x: -0.5 * x @ x, jnp.zeros(2), num_chains=2)
+    mala = emdppl.MCMC("mala", num_warmup=0, num_samples=3, num_chains=2, step_size=0.5)
+    a = mala.sample(np.int64(3), target, progress_bar=False)
+    b = mala.sample(3, target, progress_bar=False)
+    np.testing.assert_array_equal(a.positions, b.positions)
+    with pytest.raises(TypeError, match="rng_key must be an int seed or a JAX PRNG key, got str"):
+        mala.sample("abc", target, progress_bar=False)

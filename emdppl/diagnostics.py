@@ -1,0 +1,224 @@
+r"""What Stan checks after every run, on NumPy arrays with leading ``(chain, draw)`` axes.
+
+:func:`check_mcmc` returns one message per problem found, each naming the sites and the fix:
+
+- split :math:`\hat R` (rank-normalised, the larger of bulk and tail; Vehtari et al. 2021)
+  above 1.01;
+- bulk or tail effective sample size below 100 per chain;
+- divergent transitions (advice that fits the form the run used);
+- E-BFMI below 0.3 (a chain whose energy does not move: heavy tails, funnels);
+- NUTS trees at the maximum depth;
+- an adapted step size that collapsed (below ``1e-3``);
+- non-finite draws.
+
+:func:`warn` turns the list into one ``RuntimeWarning`` at the caller's line. ESS and
+:math:`\hat R` use :mod:`numpyro.diagnostics` (no ArviZ import).
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import jax
+import numpy as np
+from numpyro.diagnostics import effective_sample_size, split_gelman_rubin
+from scipy.special import ndtri
+
+from emdppl.base import caller_stacklevel
+
+__all__ = ["check_constrained", "check_mcmc", "rhat_ess", "warn"]
+
+MAX_RHAT = 1.01
+MIN_ESS_PER_CHAIN = 100
+MIN_EBFMI = 0.3
+MIN_STEP_SIZE = 1e-3
+
+
+def _scalars(draws: dict) -> tuple[list[str], np.ndarray]:
+    """Names ``site[i,j]`` and the stacked draws ``(chain, draw, n)`` of every scalar of a dict
+    of sites (or any pytree of positions)."""
+    if not isinstance(draws, dict):  # a bare array or another pytree of positions
+        leaves = jax.tree.leaves(draws)
+        draws = {"x": leaves[0]} if len(leaves) == 1 else {f"x{i}": v for i, v in enumerate(leaves)}
+    names, columns = [], []
+    for site, value in draws.items():
+        value = np.asarray(value, float)
+        flat = value.reshape(*value.shape[:2], -1)
+        shape = value.shape[2:]
+        for i in range(flat.shape[-1]):
+            index = np.unravel_index(i, shape) if shape else ()
+            names.append(f"{site}[{','.join(map(str, index))}]" if shape else site)
+            columns.append(flat[..., i])
+    return names, np.stack(columns, axis=-1)
+
+
+def _rank_normal(x: np.ndarray) -> np.ndarray:
+    """Rank-normalised draws (pooled over chains), per column of ``x (chain, draw, n)``."""
+    c, d, n = x.shape
+    ranks = np.argsort(np.argsort(x.reshape(c * d, n), axis=0), axis=0) + 1.0
+    return ndtri((ranks - 0.375) / (c * d + 0.25)).reshape(c, d, n)
+
+
+def rhat_ess(x: np.ndarray) -> dict[str, np.ndarray]:
+    """Rank-normalised split R-hat (max of bulk and tail) and bulk/tail ESS per column of
+    ``x (chain, draw, n)``; each value has shape ``(n,)``."""
+    z = _rank_normal(x)
+    folded = _rank_normal(np.abs(x - np.median(x, axis=(0, 1))))
+    rhat = np.maximum(split_gelman_rubin(z), split_gelman_rubin(folded))
+    lower, upper = np.quantile(x, [0.05, 0.95], axis=(0, 1))
+    tail = np.minimum(
+        effective_sample_size((x <= lower).astype(float)),
+        effective_sample_size((x <= upper).astype(float)),
+    )
+    return {"rhat": rhat, "ess_bulk": effective_sample_size(z), "ess_tail": tail}
+
+
+def _worst(names: list[str], values: np.ndarray, bad: np.ndarray, largest: bool) -> str:
+    order = np.argsort(-values if largest else values)
+    shown = [f"{names[i]} {values[i]:.3g}" for i in order if bad[i]][:5]
+    more = int(bad.sum()) - len(shown)
+    return ", ".join(shown) + (f" and {more} more" if more > 0 else "")
+
+
+def _chain_checks(draws: dict, sampler: str) -> list[str]:
+    names, x = _scalars(draws)
+    messages = []
+    finite = np.isfinite(x).all(axis=(1, 2))
+    if not finite.all():
+        chains = np.flatnonzero(~finite)
+        first = {int(c): int(np.argmax(~np.isfinite(x[c]).all(-1))) for c in chains}
+        messages.append(
+            f"{chains.size} of {x.shape[0]} {sampler} chains produced non-finite draws "
+            f"(chain: first bad draw {first}): the kernel is unstable at this step size. Lower it "
+            f"(emdppl.MCMC({sampler!r}, step_size=...)), use a sampler with warm-up and a "
+            "Metropolis step (nuts, mala), or check the model's log density for NaN/inf."
+        )
+        x = x[finite]
+    if x.shape[0] < 2 or x.shape[1] < 4:
+        return messages
+    summary = rhat_ess(x)
+    num_chains = x.shape[0]
+    bad = ~(summary["rhat"] <= MAX_RHAT)
+    if bad.any():
+        messages.append(
+            f"R-hat above {MAX_RHAT} for {int(bad.sum())} of {bad.size} scalars "
+            f"({_worst(names, summary['rhat'], bad, True)}): the chains disagree, so they have "
+            "not converged. Run longer warm-up (num_warmup) or use nuts."
+        )
+    for kind in ("ess_bulk", "ess_tail"):
+        ess = summary[kind]
+        bad = ~(ess >= MIN_ESS_PER_CHAIN * num_chains)
+        if bad.any():
+            messages.append(
+                f"{kind.replace('_', ' ')} below {MIN_ESS_PER_CHAIN} per chain for "
+                f"{int(bad.sum())} of {bad.size} scalars ({_worst(names, ess, bad, False)}): "
+                "means and quantiles are unreliable. Draw more (num_samples) or use nuts."
+            )
+    return messages
+
+
+def _stats_checks(stats: dict, sampler: str, is_auxiliary: bool, max_tree_depth) -> list[str]:
+    messages = []
+    if "diverging" in stats and int(np.sum(stats["diverging"])):
+        count, total = int(np.sum(stats["diverging"])), np.size(stats["diverging"])
+        fix = (
+            f"raise the target acceptance (emdppl.MCMC({sampler!r}, target_accept=0.95)) or "
+            "reparametrise the sites where the divergences concentrate (az.plot_pair("
+            "idata, divergences=True))"
+            if is_auxiliary
+            else "sample the auxiliary form (emdppl.infer(..., auxiliary=True), the default) "
+            f"or raise the target acceptance (emdppl.MCMC({sampler!r}, target_accept=0.95))"
+        )
+        messages.append(
+            f"{count} of {total} transitions diverged: the draws may be biased. Fix: {fix}."
+        )
+    if "energy" in stats:
+        energy = np.asarray(stats["energy"], float)
+        ebfmi = np.sum(np.diff(energy, axis=1) ** 2, axis=1) / np.sum(
+            (energy - energy.mean(axis=1, keepdims=True)) ** 2, axis=1
+        )
+        low = np.flatnonzero(~(ebfmi >= MIN_EBFMI))
+        if low.size:
+            messages.append(
+                f"E-BFMI below {MIN_EBFMI} in chains {low.tolist()} "
+                f"({np.round(ebfmi[low], 3).tolist()}): the momentum resampling hardly moves "
+                "the energy (heavy tails or a funnel). Reparametrise (auxiliary=True) or use a "
+                "dense mass matrix (dense_mass=True)."
+            )
+    if "tree_depth" in stats and max_tree_depth is not None:
+        saturated = np.asarray(stats["tree_depth"]) >= max_tree_depth
+        if saturated.mean() > 0.01:
+            messages.append(
+                f"{saturated.mean():.0%} of NUTS trees hit the maximum depth {max_tree_depth}: "
+                "trajectories are cut short and sampling is slow. Raise max_num_doublings or "
+                "reparametrise (the posterior is badly scaled)."
+            )
+    if "step_size" in stats:
+        step = np.asarray(stats["step_size"])[:, 0]
+        small = np.flatnonzero(~(step >= MIN_STEP_SIZE))
+        if small.size:
+            messages.append(
+                f"the adapted step size collapsed to {np.round(step[small], 8).tolist()} in "
+                f"chains {small.tolist()}: warm-up did not find the typical set, so these chains "
+                "hardly move. Raise num_warmup, start elsewhere, or use nuts."
+            )
+    return messages
+
+
+def check_mcmc(
+    draws: dict,
+    stats: dict,
+    sampler: str,
+    *,
+    is_auxiliary: bool = True,
+    max_tree_depth: int | None = None,
+) -> list[str]:
+    """The problems of an MCMC run, one message each (empty when it passes every check).
+
+    Parameters
+    ----------
+    draws
+        ``{site: array (chain, draw, ...)}``: unconstrained or constrained draws.
+    stats
+        Per-draw statistics ``(chain, draw)``: ``diverging``, ``energy``, ``tree_depth``,
+        ``step_size`` where the kernel has them.
+    sampler
+        The sampler's name (for the advice).
+    is_auxiliary
+        Whether the run sampled the auxiliary form (decides the divergence advice).
+    max_tree_depth
+        NUTS's ``max_num_doublings``.
+    """
+    return _chain_checks(draws, sampler) + _stats_checks(
+        stats, sampler, is_auxiliary, max_tree_depth
+    )
+
+
+def check_constrained(posterior: dict) -> list[str]:
+    """A message naming the sites whose draws are NaN/inf on the constrained scale (e.g. a
+    singular covariance: the unconstrained draws are finite, the model's sites are not)."""
+    bad = {
+        site: float(np.mean(~np.isfinite(np.asarray(value, float))))
+        for site, value in posterior.items()
+        if not np.isfinite(np.asarray(value, float)).all()
+    }
+    if not bad:
+        return []
+    shares = ", ".join(f"{site} {share:.0%}" for site, share in sorted(bad.items()))
+    return [
+        f"site(s) {sorted(bad)} are NaN/inf on the constrained scale (share of draws: {shares}): "
+        "a transform or deterministic of the model is undefined there (e.g. a singular "
+        "covariance, log of a non-positive value). Check those sites' parameters."
+    ]
+
+
+def warn(messages: list[str], what: str) -> None:
+    """One ``RuntimeWarning`` listing every message, at the caller's line."""
+    if not messages:
+        return
+    body = "\n".join(f"  - {m}" for m in messages)
+    warnings.warn(
+        f"{what}: {len(messages)} problem(s) found:\n{body}\n(also in idata.attrs['warnings'])",
+        RuntimeWarning,
+        stacklevel=caller_stacklevel(),
+    )
