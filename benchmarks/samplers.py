@@ -99,11 +99,9 @@ def run_cell(
         progress_bar=False,
     )
     if not has_warmup:
-        keep = slice(settings["num_warmup"], None)
-        idata = az.InferenceData(
-            posterior=idata.posterior.isel(draw=keep),
-            sample_stats=idata.sample_stats.isel(draw=keep),
-        )
+        # drop the burn-in from every group with draws (both ArviZ generations; groups without
+        # a draw dim, e.g. observed_data, are left as they are)
+        idata = idata.isel(draw=slice(settings["num_warmup"], None), missing_dims="ignore")
     return idata
 
 

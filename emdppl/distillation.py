@@ -19,7 +19,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from jax.flatten_util import ravel_pytree
 
 from emdppl import emd
 from emdppl import generators as generators_module
@@ -362,7 +361,9 @@ class EMD:
         """Distil ``problem``'s posterior into a one-step generator and sample it.
 
         Returns an ``arviz.InferenceData`` with the posterior's model sites (constrained) under
-        dims ``(chain, draw, ...)`` like MCMC, and the E-step chains as group ``estep_posterior``.
+        dims ``(chain=num_chains, draw, ...)`` like MCMC, and the E-step chains as group
+        ``estep_posterior``; :func:`emdppl.infer` adds the model's groups
+        (:func:`emdppl.inference_data.add_model_groups`).
         """
         from emdppl.inference_data import to_arviz
 
@@ -377,9 +378,7 @@ class EMD:
         result = distill(
             teacher, generator, config=config, rng_key=k_distill, progress_bar=progress_bar
         )
-        flat = result.sample(k_sample, self.num_samples)
-        _, unravel = ravel_pytree(jax.tree.map(lambda x: x[0], target.initial_position))
-        positions = jax.vmap(unravel)(flat)
+        positions = jax.vmap(teacher.position)(result.sample(k_sample, self.num_samples))
         positions = jax.tree.map(lambda x: x.reshape(self.num_chains, -1, *x.shape[1:]), positions)
         posterior = {k: np.asarray(v) for k, v in target.postprocess(positions).items()}
         attrs = {

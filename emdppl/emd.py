@@ -15,7 +15,9 @@ joint :math:`q_{\theta,\sigma}(x_\sigma, z) = N(z; 0, I)\,N(x_\sigma; g_\theta(z
    generator draws, with noise cancellation;
 3. the **M-step**: one optax step on the surrogate :func:`emdppl.losses.generator_loss`.
 
-A step whose loss, gradients or parameters are not finite is a no-op that is counted;
+An E-step chain that ends non-finite is left out of the M-step (the others reweighted); a
+step whose loss, gradients or parameters are not finite, or with no finite chain, is a no-op
+that is counted;
 ``max_consecutive_nan`` of them in a row freeze the state (the driver then raises).
 
 **Diff-Instruct** (§6) is the configuration ``method="diff_instruct"``: K = 1, z frozen and full
@@ -93,6 +95,9 @@ class EMDInfo(NamedTuple):
         Root mean square of the final E-step latents :math:`z^K` over the batch. The chains
         start at :math:`z^0 \\sim N(0, I)` and target a distribution whose z-marginal is near
         :math:`N(0, I)`, so values far above 1 mean the z step is too large.
+    nonfinite_chains
+        E-step chains whose end point was NaN/inf (left out of the M-step; the others are
+        reweighted). Statistics above are over the finite chains.
     """
 
     loss: jax.Array
@@ -104,6 +109,12 @@ class EMDInfo(NamedTuple):
     stale_logdensity: jax.Array
     is_skipped: jax.Array
     z_rms: jax.Array
+    nonfinite_chains: jax.Array
+
+
+def _finite_mean(values: jax.Array, finite: jax.Array) -> jax.Array:
+    """Mean of ``values (B,)`` over the chains marked ``finite`` (NaN when there is none)."""
+    return jnp.sum(jnp.where(finite, values, 0.0)) / jnp.sum(finite)
 
 
 def init(
@@ -201,8 +212,15 @@ class _Kernel(_Networks):
         sigma, eps0, z0 = draw(k_draw, config, self.data_dim, self.latent_dim)
         target = self.estep_target(teacher, state.theta, psi)
         result = estep(k_chain, config, target, sigma, eps0, z0, self.sampler_parameters)
+        # A chain that blew up (a score NaN far in a tail) is left out of this M-step, and the
+        # others are reweighted; the step is skipped only when none is finite.
+        finite = jnp.all(jnp.isfinite(result.eps_tilde), -1) & jnp.all(jnp.isfinite(result.z), -1)
+        num_finite = jnp.sum(finite)
+        reweight = finite.shape[0] / jnp.maximum(num_finite, 1)
+        eps_tilde = jnp.where(finite[:, None], result.eps_tilde * reweight, 0.0)
+        z_final = jnp.where(finite[:, None], result.z, 0.0)
         loss, grads = jax.value_and_grad(generator_loss, argnums=1)(
-            self.generate, state.theta, result.z, result.eps_tilde, sigma, config.weighting
+            self.generate, state.theta, z_final, eps_tilde, sigma, config.weighting
         )
         updates, theta_opt_state = config.optimizer.update(
             grads, state.theta_opt_state, state.theta
@@ -213,7 +231,8 @@ class _Kernel(_Networks):
             jnp.isfinite(loss)
             & jnp.isfinite(grad_norm)
             & jnp.isfinite(student_loss)
-            & tree_all_finite((theta, psi, result.eps_tilde, result.z))
+            & (num_finite > 0)
+            & tree_all_finite((theta, psi))
         )
         new = EMDState(
             theta, psi, theta_opt_state, psi_opt_state, state.num_skipped, jnp.zeros((), jnp.int32)
@@ -226,12 +245,13 @@ class _Kernel(_Networks):
             loss=loss,
             grad_norm=grad_norm,
             student_loss=student_loss,
-            estep_drift=jnp.mean(jnp.linalg.norm(result.eps - result.eps0, axis=-1)),
-            correction_norm=jnp.mean(jnp.linalg.norm(result.eps_tilde, axis=-1)),
+            estep_drift=_finite_mean(jnp.linalg.norm(result.eps - result.eps0, axis=-1), finite),
+            correction_norm=_finite_mean(jnp.linalg.norm(result.eps_tilde, axis=-1), finite),
             acceptance_rate=jnp.mean(result.acceptance_rate),
             stale_logdensity=jnp.max(result.stale_logdensity),
             is_skipped=~is_finite,
-            z_rms=jnp.sqrt(jnp.mean(result.z**2)),
+            z_rms=jnp.sqrt(_finite_mean(jnp.mean(result.z**2, axis=-1), finite)),
+            nonfinite_chains=finite.shape[0] - num_finite,
         )
         return state, info
 

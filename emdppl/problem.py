@@ -2,22 +2,40 @@
 
 A NumPyro model, a Pyro model or a ready :class:`~emdppl.target.Target`, with its arguments and
 form. ``problem.target(num_chains, rng_key)`` gives the :class:`~emdppl.target.Target` of every
-backend (the Pyro one through :mod:`emdppl.bridge`); this module is the only one that tells
-backends apart.
+backend (the Pyro one through :mod:`emdppl.bridge`); ``problem.model_data()``,
+``problem.log_likelihood(latents)``, ``problem.posterior_predictive(...)`` and
+``problem.prior(...)`` give what ArviZ needs besides the posterior, by :mod:`emdppl.predictive`
+(NumPyro) or :mod:`emdppl.bridge.pyro_predictive` (Pyro's own machinery). This module is the
+only one that tells backends apart.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import inspect
 from collections.abc import Callable
 from typing import Any
 
-from emdppl.base import PRNGKey
+import jax
+import numpy as np
+
+from emdppl import predictive
+from emdppl.base import PRNGKey, as_key
+from emdppl.predictive import ModelData
 from emdppl.target import Target, check_model_arguments
 
 __all__ = ["BACKENDS", "Problem"]
 
 BACKENDS = ("numpyro", "pyro", "target")
+
+
+def _as_numpy(value: Any) -> np.ndarray | None:
+    """An array argument (numpy, JAX or torch) as numpy; ``None`` for anything else."""
+    if isinstance(value, (np.ndarray, jax.Array)):
+        return np.asarray(value)
+    if type(value).__module__.startswith("torch") and hasattr(value, "detach"):
+        return value.detach().cpu().numpy()
+    return None
 
 
 def _is_pyro(model: Any) -> bool:
@@ -115,3 +133,118 @@ class Problem:
             rng_key=rng_key,
             auxiliary=self.auxiliary,
         )
+
+    def _model_only(self, what: str) -> None:
+        if self.backend == "target":
+            raise ValueError(
+                f"{what} needs a model's sample sites; a Target is only a log density. Pass the "
+                "NumPyro or Pyro model to emdppl.infer instead."
+            )
+
+    def model_data(self) -> ModelData:
+        """The model's sites, observations and axis names (from one trace of the model as
+        written and of its auxiliary form): :class:`~emdppl.predictive.ModelData`."""
+        self._model_only("model_data")
+        if self.backend == "pyro":
+            from emdppl.bridge.pyro_predictive import pyro_model_data
+
+            return pyro_model_data(self.model, self.model_args, self.model_kwargs, self.auxiliary)
+        data = predictive.model_data(self.model, self.model_args, self.model_kwargs, self.auxiliary)
+        return data._replace(observed={k: np.asarray(v) for k, v in data.observed.items()})
+
+    def constant_data(self, observed: dict[str, Any]) -> dict[str, np.ndarray]:
+        """The model's array arguments that are not observations, by argument name.
+
+        An argument is an observation when an observed site has its name or its value
+        (``observed`` as in :meth:`model_data`).
+        """
+        self._model_only("constant_data")
+        try:
+            signature = inspect.signature(self.model)
+            bound = signature.bind_partial(*self.model_args, **self.model_kwargs)
+            arguments = dict(bound.arguments)
+            for name, param in signature.parameters.items():
+                if name in arguments and param.kind is inspect.Parameter.VAR_KEYWORD:
+                    arguments.update(arguments.pop(name))
+                elif name in arguments and param.kind is inspect.Parameter.VAR_POSITIONAL:
+                    extra = arguments.pop(name)
+                    arguments.update({f"{name}_{i}": v for i, v in enumerate(extra)})
+        except (TypeError, ValueError):
+            arguments = {f"arg_{i}": v for i, v in enumerate(self.model_args)}
+            arguments.update(self.model_kwargs)
+        observations = [np.asarray(v) for v in observed.values()]
+        out = {}
+        for name, value in arguments.items():
+            array = _as_numpy(value)
+            if array is None or name in observed:
+                continue
+            if any(o.shape == array.shape and np.array_equal(o, array) for o in observations):
+                continue
+            out[name] = array
+        return out
+
+    def log_likelihood(self, latents: dict[str, Any]) -> dict[str, np.ndarray]:
+        r"""Pointwise :math:`\log p(y \mid \theta)` of every observed site at every draw.
+
+        Parameters
+        ----------
+        latents
+            ``{site: array (chain, draw, *site_shape)}``: every latent site of the model as
+            written, on its constrained scale.
+
+        Returns
+        -------
+        dict
+            ``{observed site: array (chain, draw, *batch_shape)}``.
+        """
+        self._model_only("log_likelihood")
+        if self.backend == "pyro":
+            from emdppl.bridge.pyro_predictive import pyro_log_likelihood
+
+            return pyro_log_likelihood(self.model, latents, self.model_args, self.model_kwargs)
+        out = predictive.log_likelihood(self.model, latents, self.model_args, self.model_kwargs)
+        return {k: np.asarray(v) for k, v in out.items()}
+
+    def posterior_predictive(
+        self, latents: dict[str, Any], observed: tuple[str, ...], rng_key: int | PRNGKey
+    ) -> dict[str, np.ndarray]:
+        """The ``observed`` sites simulated at each draw of ``latents`` (as in
+        :meth:`log_likelihood`): ``{site: array (chain, draw, *obs_shape)}``."""
+        self._model_only("posterior_predictive")
+        if self.backend == "pyro":
+            from emdppl.bridge.pyro_predictive import pyro_posterior_predictive
+            from emdppl.bridge.pyro_target import torch_seed
+
+            return pyro_posterior_predictive(
+                self.model,
+                latents,
+                tuple(observed),
+                torch_seed(rng_key),
+                self.model_args,
+                self.model_kwargs,
+            )
+        out = predictive.posterior_predictive(
+            self.model,
+            latents,
+            tuple(observed),
+            as_key(rng_key),
+            self.model_args,
+            self.model_kwargs,
+        )
+        return {k: np.asarray(v) for k, v in out.items()}
+
+    def prior(self, num_draws: int, rng_key: int | PRNGKey) -> dict[str, np.ndarray]:
+        """``num_draws`` prior draws of every latent, deterministic and observed site (observed
+        sites simulated): ``{site: array (num_draws, *site_shape)}``."""
+        self._model_only("prior")
+        if self.backend == "pyro":
+            from emdppl.bridge.pyro_predictive import pyro_prior
+            from emdppl.bridge.pyro_target import torch_seed
+
+            return pyro_prior(
+                self.model, num_draws, torch_seed(rng_key), self.model_args, self.model_kwargs
+            )
+        out = predictive.prior(
+            self.model, int(num_draws), as_key(rng_key), self.model_args, self.model_kwargs
+        )
+        return {k: np.asarray(v) for k, v in out.items()}

@@ -396,8 +396,10 @@ class SVI:
         warm-up + cosine decay from 1e-2 to 1e-4).
     num_steps
         Optimisation steps.
-    num_samples
-        Posterior draws returned by :meth:`infer` (one chain).
+    num_samples, num_chains
+        Posterior draws returned by :meth:`infer` (independent draws of the fitted guide), split
+        into ``num_chains`` chains of ``num_samples // num_chains`` draws so that ArviZ's
+        multi-chain diagnostics (R-hat, ...) apply.
     num_particles
         Draws of the guide per ELBO estimate.
     loss
@@ -414,6 +416,7 @@ class SVI:
     >>> svi = emdppl.SVI("auto_multivariate_normal", num_steps=5000)
     >>> idata = emdppl.infer(eight_schools, svi, model_kwargs=data)  # doctest: +SKIP
     >>> idata.svi_trace["loss"]  # -ELBO per step, dims (chain=1, draw=step)  # doctest: +SKIP
+    >>> idata.posterior["theta"].dims  # ("chain", "draw", "J"), 4 chains  # doctest: +SKIP
     >>> result = svi.fit(0, eight_schools, model_kwargs=data)  # doctest: +SKIP
     >>> result.params["auto_loc"]  # doctest: +SKIP
     """
@@ -425,6 +428,7 @@ class SVI:
         optimizer: optax.GradientTransformation | None = None,
         num_steps: int = 5000,
         num_samples: int = 1000,
+        num_chains: int = 4,
         num_particles: int = 1,
         loss: str | Any = "elbo",
         num_chunks: int = 20,
@@ -440,11 +444,16 @@ class SVI:
         for name, value in (
             ("num_steps", num_steps),
             ("num_samples", num_samples),
+            ("num_chains", num_chains),
             ("num_particles", num_particles),
             ("num_chunks", num_chunks),
         ):
             if not isinstance(value, (int, np.integer)) or value < 1:
                 raise ValueError(f"SVI: {name} must be an integer >= 1, got {value!r}.")
+        if num_samples % num_chains:
+            raise ValueError(
+                f"SVI: num_samples={num_samples} must be a multiple of num_chains={num_chains}."
+            )
         if isinstance(loss, str):
             if loss not in LOSSES:
                 raise ValueError(f"unknown loss {loss!r}; known losses: {sorted(LOSSES)}.")
@@ -458,6 +467,7 @@ class SVI:
         self.guide = guide
         self.num_steps = int(num_steps)
         self.num_samples = int(num_samples)
+        self.num_chains = int(num_chains)
         self.num_particles = int(num_particles)
         self.loss = loss
         self.num_chunks = int(num_chunks)
@@ -472,7 +482,8 @@ class SVI:
         )
         return (
             f"SVI({guide!r}, num_steps={self.num_steps}, num_samples={self.num_samples}, "
-            f"num_particles={self.num_particles}, loss={self.loss!r})"
+            f"num_chains={self.num_chains}, num_particles={self.num_particles}, "
+            f"loss={self.loss!r})"
         )
 
     @property
@@ -572,16 +583,17 @@ class SVI:
         self, problem: Problem, *, rng_key: int | PRNGKey = 0, progress_bar: bool = True
     ) -> Any:
         """Fit the guide to ``problem``'s NumPyro model and return InferenceData; see
-        :func:`emdppl.infer`.
+        :func:`emdppl.infer`, which adds the model's groups.
 
         Returns
         -------
         arviz.InferenceData
             ``posterior``: ``num_samples`` draws of the fitted guide pushed through the model,
             the same sites as MCMC's (constrained latents and deterministics), dims
-            ``(chain=1, draw, ...)``. ``svi_trace``: ``loss`` (:math:`-\\mathcal L` per
-            optimisation step), dims ``(chain=1, draw=step)``. ``attrs``: ``algorithm="svi"``,
-            ``guide``, ``loss``, ``num_steps``, ``num_particles``, ``auxiliary``,
+            ``(chain=num_chains, draw=num_samples // num_chains, ...)``. ``svi_trace``:
+            ``loss`` (:math:`-\\mathcal L` per optimisation step), dims
+            ``(chain=1, draw=step)``. ``attrs``: ``algorithm="svi"``, ``guide``, ``loss``,
+            ``num_steps``, ``num_particles``, ``num_samples``, ``auxiliary``,
             ``final_loss`` (mean of the last 1% of the steps, at least one),
             ``params`` (the fitted constrained parameters, JSON), ``fit_seconds``,
             ``sampling_seconds``, ``wall_seconds``, ``compile_seconds``, library versions.
@@ -604,7 +616,10 @@ class SVI:
                 )
             with stopwatch() as sample_watch:
                 draws = jax.device_get(result.sample_posterior(sample_key, self.num_samples))
-        posterior = {k: np.asarray(v)[None] for k, v in draws.items()}
+        posterior = {  # independent draws, split into chains
+            k: np.asarray(v).reshape(self.num_chains, -1, *np.shape(v)[1:])
+            for k, v in draws.items()
+        }
         tail = max(1, math.ceil(self.num_steps / 100))
         attrs = {
             "algorithm": "svi",
@@ -612,6 +627,7 @@ class SVI:
             "loss": self.loss if isinstance(self.loss, str) else type(self.loss).__name__,
             "num_steps": self.num_steps,
             "num_particles": self.num_particles,
+            "num_samples": self.num_samples,
             "auxiliary": int(problem.auxiliary),
             "final_loss": float(np.mean(result.losses[-tail:])),
             "params": _jsonable(result.params),

@@ -380,12 +380,20 @@ class DensityTeacher(AbstractTeacher):
     evaluations per score), which converge while :math:`\sigma^2 \lambda_{max}(-\nabla^2 \log p)
     < 3`; keep ``sigma_max`` below the posterior's smallest scale times ``sqrt(3)``.
 
+    The teacher's coordinate is :math:`u` with position :math:`\mathrm{unravel}(m + L u)`
+    (:meth:`position`): ``shift`` :math:`m` and ``scale_tril`` :math:`L` standardise the
+    posterior (:func:`laplace_standardization`) so that its scales are about one whatever the
+    model's units, which is what the noise range ``[sigma_min, sigma_max]`` assumes. The
+    Jacobian is constant, so the scores are those of the posterior of :math:`u`.
+
     Attributes
     ----------
     logdensity_fn
         ``logdensity_fn(position) -> scalar`` on the model's (pytree) position.
     unravel_fn
         Map from a flat vector of shape ``(d,)`` to a position.
+    shift, scale_tril
+        :math:`m` ``(d,)`` and lower-triangular :math:`L` ``(d, d)``; ``None``: 0 and I.
     """
 
     logdensity_fn: Callable
@@ -395,9 +403,16 @@ class DensityTeacher(AbstractTeacher):
     sigma_min: float = eqx.field(static=True, default=0.05)
     sigma_max: float = eqx.field(static=True, default=0.5)
     num_smoothing_iterations: int = eqx.field(static=True, default=12)
+    shift: jax.Array | None = None
+    scale_tril: jax.Array | None = None
 
-    def _grad_log_p(self, x: jax.Array) -> jax.Array:
-        return jax.grad(lambda x: self.logdensity_fn(self.unravel_fn(x)))(x)
+    def position(self, u: jax.Array) -> Any:
+        """The model's position at the teacher's coordinate ``u (d,)``."""
+        x = u if self.scale_tril is None else self.scale_tril @ u
+        return self.unravel_fn(x if self.shift is None else self.shift + x)
+
+    def _grad_log_p(self, u: jax.Array) -> jax.Array:
+        return jax.grad(lambda u: self.logdensity_fn(self.position(u)))(u)
 
     def score(self, x_t: jax.Array, sigma: jax.Array) -> jax.Array:
         return laplace_smoothed_score(
@@ -461,20 +476,114 @@ def from_model(
     return density_teacher(problem.target(1, as_key(rng_key)), sigma_max=sigma_max)
 
 
-def density_teacher(target: Any, *, sigma_max: float = 0.5) -> DensityTeacher:
-    """A :class:`DensityTeacher` from an :class:`emdppl.target.Target`."""
+def density_teacher(
+    target: Any, *, sigma_max: float = 0.5, standardize: bool = True
+) -> DensityTeacher:
+    """A :class:`DensityTeacher` from an :class:`emdppl.target.Target`, standardised by
+    :func:`laplace_standardization` from the target's first initial position (unless
+    ``standardize=False``)."""
     if not sigma_max > 0:
         raise ValueError(f"sigma_max must be > 0, got {sigma_max}.")
     one = jax.tree.map(lambda x: x[0], target.initial_position)
     flat, unravel = ravel_pytree(one)
+    shift = scale_tril = None
+    if standardize:
+        shift, scale_tril = laplace_standardization(target.logdensity_fn, unravel, flat)
     return DensityTeacher(
         target.logdensity_fn,
         unravel,
         int(flat.shape[0]),
         sigma_min=sigma_max / 10,
         sigma_max=sigma_max,
+        shift=shift,
+        scale_tril=scale_tril,
     )
 
+
+@eqx.filter_jit
+def _laplace(logdensity_fn: Callable, unravel_fn: Callable, x0: jax.Array, num_steps: int):
+    """L-BFGS to the mode from ``x0 (d,)``, then the Hessian there: ``(mode, lp, hessian)``."""
+    def loss(x):
+        return -logdensity_fn(unravel_fn(x))
+
+    optimizer = optax.lbfgs()
+    value_and_grad = optax.value_and_grad_from_state(loss)
+
+    def step(carry, _):
+        x, state = carry
+        value, grad = value_and_grad(x, state=state)
+        updates, state = optimizer.update(
+            grad, state, x, value=value, grad=grad, value_fn=loss
+        )
+        return (optax.apply_updates(x, updates), state), None
+
+    (x, _), _ = jax.lax.scan(step, (x0, optimizer.init(x0)), None, length=num_steps)
+    return x, -loss(x), jax.hessian(loss)(x)
+
+
+def laplace_standardization(
+    logdensity_fn: Callable, unravel_fn: Callable, x0: jax.Array, num_steps: int = 200
+) -> tuple[jax.Array, jax.Array]:
+    r"""``(m (d,), L (d, d))`` that put the posterior on a unit scale: a Laplace approximation
+    (the mode by L-BFGS from ``x0``; :math:`L L^T = H^{-1}`, :math:`H` the negative Hessian
+    there, its eigenvalues floored at :math:`10^{-6}\lambda_{max}`), refined by a diagonal
+    Gaussian variational fit in the Laplace coordinates (:func:`_gaussian_fit`), since a
+    hierarchical model's joint mode can lie far from its mass. Falls back to :math:`(x_0, I)`
+    when the mode or the Hessian is not finite."""
+    mode, lp, hessian = _laplace(logdensity_fn, unravel_fn, jnp.asarray(x0), num_steps)
+    mode, hessian = np.asarray(mode, np.float64), np.asarray(hessian, np.float64)
+    dtype, d = jnp.result_type(x0), mode.shape[0]
+    if not (np.isfinite(lp) and np.isfinite(mode).all() and np.isfinite(hessian).all()):
+        return jnp.asarray(x0, dtype), jnp.eye(d, dtype=dtype)
+    eigenvalues, vectors = np.linalg.eigh(0.5 * (hessian + hessian.T))
+    if not eigenvalues.max() > 0:
+        mode_, tril = jnp.asarray(mode, dtype), jnp.eye(d, dtype=dtype)
+    else:
+        eigenvalues = np.maximum(eigenvalues, 1e-6 * eigenvalues.max())
+        covariance = (vectors / eigenvalues) @ vectors.T
+        mode_ = jnp.asarray(mode, dtype)
+        tril = jnp.asarray(np.linalg.cholesky(0.5 * (covariance + covariance.T)), dtype)
+    loc, scale = _gaussian_fit(logdensity_fn, unravel_fn, mode_, tril)
+    loc, scale = np.asarray(loc), np.asarray(scale)
+    if not (np.isfinite(loc).all() and np.isfinite(scale).all()):
+        return mode_, tril
+    return mode_ + tril @ jnp.asarray(loc, dtype), tril * jnp.asarray(scale, dtype)
+
+
+@eqx.filter_jit
+def _gaussian_fit(
+    logdensity_fn: Callable,
+    unravel_fn: Callable,
+    shift: jax.Array,
+    scale_tril: jax.Array,
+    num_steps: int = 500,
+    num_draws: int = 16,
+):
+    r"""A diagonal Gaussian :math:`N(a, \mathrm{diag}(b^2))` fitted to the posterior of
+    :math:`u` (position :math:`m + L u`) by maximising the reparametrised ELBO with Adam
+    (fixed key: deterministic); returns ``(a (d,), b (d,))``."""
+    d = shift.shape[0]
+
+    def negative_elbo(params, key):
+        loc, log_scale = params
+        eps = jax.random.normal(key, (num_draws, d), shift.dtype)
+        u = loc + jnp.exp(log_scale) * eps
+        lp = jax.vmap(lambda u: logdensity_fn(unravel_fn(shift + scale_tril @ u)))(u)
+        return -(jnp.mean(lp) + jnp.sum(log_scale))
+
+    optimizer = optax.adam(optax.cosine_decay_schedule(0.05, num_steps, alpha=0.1))
+    params = (jnp.zeros(d, shift.dtype), jnp.zeros(d, shift.dtype))
+
+    def step(carry, key):
+        params, state = carry
+        grads = jax.grad(negative_elbo)(params, key)
+        grads = jax.tree.map(lambda g: jnp.where(jnp.isfinite(g), g, 0.0), grads)
+        updates, state = optimizer.update(grads, state, params)
+        return (optax.apply_updates(params, updates), state), None
+
+    keys = jax.random.split(jax.random.key(0), num_steps)
+    ((loc, log_scale), _), _ = jax.lax.scan(step, (params, optimizer.init(params)), keys)
+    return loc, jnp.exp(log_scale)
 
 
 def __getattr__(name: str):

@@ -1,4 +1,7 @@
-"""The console script: `emdppl samplers` lists the registry; bad commands fail with usage."""
+"""The console script: `emdppl samplers` lists the registry; `emdppl --version` prints the
+installed version; bad commands fail with usage."""
+
+import importlib.metadata
 
 import pytest
 
@@ -13,6 +16,14 @@ def test_samplers_command_lists_the_registry(capsys):
     assert sorted(rows) == emdppl.samplers()
     assert rows["nuts"][:2] == ["exact", "logdensity"]
     assert rows["ula"][:3] == ["unadjusted", "gradient", "1"]
+
+
+def test_version_prints_the_installed_version(capsys):
+    with pytest.raises(SystemExit) as err:
+        main(["--version"])
+    assert err.value.code == 0
+    assert capsys.readouterr().out == f"emdppl {emdppl.__version__}\n"
+    assert importlib.metadata.version("emdppl") == emdppl.__version__
 
 
 def test_unknown_command_exits_with_usage(capsys):

@@ -280,15 +280,26 @@ def test_no_recompilation_across_steps():
     assert counts[0] == counts[1] and 1 <= counts[0] <= 4, counts
 
 
-def test_nan_steps_are_skipped_and_counted():
-    # P(all 8 sigmas <= 0.826) = 0.5: about half of the steps see a NaN teacher score.
+def test_nan_chains_are_left_out_and_all_nan_steps_skipped():
+    """A chain whose teacher score is NaN is dropped from that M-step (the others reweighted);
+    a step with no finite chain is skipped and counted."""
+    # sigma ~ log-uniform(0.1, 1): P(sigma > 0.826) = log10(1 / 0.826) = 0.083 per chain, so
+    # 60 x 8 chains give 40 NaN chains on average (binomial sd 6; the bounds are 3.3 sd out).
     result = _short_run(_counting(nan_above=0.826), 60, optimizer=optax.adam(0.01))
+    nonfinite = result.history["nonfinite_chains"]
+    assert 20 < nonfinite.sum() < 60, nonfinite.sum()
     skipped = result.history["is_skipped"]
     assert int(result.state.num_skipped) == int(skipped.sum())
-    assert 10 < skipped.sum() < 50
+    assert np.array_equal(skipped, nonfinite == 8)  # skipped exactly when every chain is NaN
+    assert np.all(np.isfinite(result.history["loss"][~skipped]))
     theta = jax.tree.leaves(result.state.theta)
     assert all(bool(jnp.all(jnp.isfinite(t))) for t in theta)
     assert float(result.generator.loc[0]) != -0.3
+    # every chain NaN at every step: all skipped, parameters untouched
+    dead = _short_run(_counting(nan_above=0.0), 10, optimizer=optax.adam(0.01),
+                      max_consecutive_nan=100)
+    assert dead.history["is_skipped"].all() and int(dead.state.num_skipped) == 10
+    assert float(dead.generator.loc[0]) == np.float32(-0.3)
 
 
 def test_persistent_nan_stops_with_message_and_keeps_last_good_checkpoint(tmp_path):

@@ -47,11 +47,13 @@ def test_auxiliary_nuts_matches_reference(auxiliary_nuts, eight_schools_referenc
 
 def test_inference_data_layout(auxiliary_nuts):
     idata = auxiliary_nuts
-    post = idata.posterior
-    assert post["theta"].dims == ("chain", "draw", "theta_dim_0")
+    post, aux = idata.posterior, idata.unconstrained_posterior
+    assert post["theta"].dims == ("chain", "draw", "J")  # named after the plate
     assert post["theta"].shape == (4, 1000, 8)
-    for name in ("mu", "tau", "theta", "theta_decentered"):
-        assert name in post
+    # the posterior holds what the user wrote; the auxiliary noise has its own group
+    assert list(post.data_vars) == ["mu", "tau", "theta"]
+    assert set(aux.data_vars) == {"mu_decentered", "tau_decentered", "theta_decentered"}
+    assert idata.log_likelihood["y"].shape == (4, 1000, 8)
     stats = idata.sample_stats
     for name in ("lp", "acceptance_rate", "diverging", "step_size", "n_steps", "energy"):
         assert stats[name].shape == (4, 1000), name
@@ -62,10 +64,12 @@ def test_inference_data_layout(auxiliary_nuts):
     assert attrs["sampler"] == "nuts" and attrs["auxiliary"] == 1
     assert 0 < attrs["compile_seconds"] <= attrs["wall_seconds"]
     assert "step_size" in attrs["sampler_parameters"] and attrs["numpyro_version"]
+    assert attrs["algorithm"] == "mcmc" and attrs["inference_library"] == "emdppl"
+    assert attrs["created_at"] and attrs["inference_library_version"] == emdppl.__version__
     # positive tau, and theta = mu + tau * theta_decentered exactly (a deterministic site)
     assert float(post["tau"].min()) > 0
     np.testing.assert_allclose(
-        post["theta"], post["mu"] + post["tau"] * post["theta_decentered"], rtol=1e-4, atol=1e-4
+        post["theta"], post["mu"] + post["tau"] * aux["theta_decentered"], rtol=1e-4, atol=1e-4
     )
 
 
@@ -82,6 +86,7 @@ def test_centered_form_shows_the_funnel(eight_schools_reference):
         )
     assert int(idata.sample_stats["diverging"].sum()) > 0
     assert "theta_decentered" not in idata.posterior
+    assert not hasattr(idata, "unconstrained_posterior")  # the centered form has no other sites
 
 
 def test_second_infer_does_not_retrace(eight_schools_reference):
@@ -176,7 +181,7 @@ def test_site_left_centered_warns_with_its_family():
         idata = emdppl.infer(
             model, emdppl.MCMC("mala", num_warmup=200, num_samples=200), progress_bar=False
         )
-    assert "x_decentered" in idata.posterior and "p" in idata.posterior
+    assert "x_decentered" in idata.unconstrained_posterior and "p" in idata.posterior
 
 
 def test_unstable_kernel_warns_about_non_finite_draws():

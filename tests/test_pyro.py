@@ -202,8 +202,10 @@ def test_svi_on_a_pyro_model_runs_pyros_svi(eight_schools_reference):
     svi = emdppl.SVI("auto_normal", num_steps=1500, num_samples=2000)
     idata = emdppl.infer(pyro_eight_schools, svi, model_kwargs=DATA, rng_key=0, progress_bar=False)
     assert idata.posterior.attrs["backend"] == "pyro"
-    assert idata.posterior["theta"].shape == (1, 2000, 8)
-    assert {"mu", "tau", "theta", "theta_decentered"} <= set(idata.posterior.data_vars)
+    assert idata.posterior["theta"].shape == (4, 500, 8)  # independent draws, four chains
+    assert list(idata.posterior.data_vars) == ["mu", "tau", "theta"]
+    assert "theta_decentered" in idata.unconstrained_posterior
+    assert idata.log_likelihood["y"].dims == ("chain", "draw", "J")
     loss = np.asarray(idata.svi_trace["loss"])[0]
     assert loss.shape == (1500,) and np.all(np.isfinite(loss))
     assert loss[-100:].mean() < loss[:100].mean()  # the ELBO improved

@@ -12,6 +12,9 @@ pyro_model
     auxiliary form by Pyro's reparam handlers, and :func:`check_auxiliary_pyro`.
 pyro_target
     A Pyro model's posterior as a :class:`~emdppl.Target` (:func:`target_from_pyro`).
+pyro_predictive
+    A Pyro model's sites, plate dims, pointwise log likelihood and predictive draws, by Pyro's
+    ``poutine`` and ``Predictive`` (what :class:`emdppl.Problem` asks for a Pyro model).
 pyro_svi
     Pyro's own SVI on a Pyro model, InferenceData out (:func:`pyro_svi_infer`).
 

@@ -57,8 +57,9 @@ def _fit(host: Any, config: Any, seed: int, progress_bar: bool) -> tuple[Any, np
     return guide, losses
 
 
-def _guide_posterior(host: Any, guide: Any, num_samples: int) -> dict:
-    """``num_samples`` guide draws pushed through the model (one chain): ``{site: (1, n, ...)}``."""
+def _guide_posterior(host: Any, guide: Any, num_samples: int, num_chains: int) -> dict:
+    """``num_samples`` guide draws pushed through the model, split into ``num_chains`` chains:
+    ``{site: (num_chains, num_samples // num_chains, ...)}``."""
     torch, _ = require_pyro()
     from pyro import infer as pyro_infer
 
@@ -70,7 +71,7 @@ def _guide_posterior(host: Any, guide: Any, num_samples: int) -> dict:
             k: host.transforms[k](draws[k].to(torch.float64)) for k in host.layout.names
         }
     flat = torch.cat([unconstrained[k].reshape(num_samples, -1) for k in host.layout.names], dim=-1)
-    return host(flat.cpu().numpy().astype(np.float32)[None])
+    return host(flat.cpu().numpy().astype(np.float32).reshape(num_chains, -1, flat.shape[-1]))
 
 
 def pyro_svi_infer(
@@ -89,7 +90,8 @@ def pyro_svi_infer(
     ``pyro.optim.ClippedAdam`` (learning rate 0.01 decayed by 100x over ``num_steps``) and the
     loss ``Trace_ELBO(num_particles)``. ``num_samples`` guide draws are pushed through the
     auxiliary model by the same host code as :func:`target_from_pyro`'s ``postprocess_fn``, so
-    ``posterior`` has the MCMC layout (one chain); the loss per step is the ``svi_trace`` group.
+    ``posterior`` has the MCMC layout (``config.num_chains`` chains of independent draws); the loss
+    per step is the ``svi_trace`` group.
 
     Examples
     --------
@@ -115,13 +117,14 @@ def pyro_svi_infer(
     with pyro.validation_enabled(False):
         guide, losses = _fit(host, config, torch_seed(rng_key), progress_bar)
         fit_seconds = time.perf_counter() - start
-        posterior = _guide_posterior(host, guide, config.num_samples)
+        posterior = _guide_posterior(host, guide, config.num_samples, config.num_chains)
     attrs = {
         "algorithm": "svi",
         "backend": "pyro",
         "guide": config.guide,
         "num_steps": config.num_steps,
         "num_particles": config.num_particles,
+        "num_samples": config.num_samples,
         "auxiliary": int(auxiliary),
         "final_loss": float(np.mean(losses[-max(1, config.num_steps // 100) :])),
         "fit_seconds": fit_seconds,
