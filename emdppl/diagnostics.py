@@ -117,6 +117,15 @@ def _chain_checks(draws: dict, sampler: str) -> list[str]:
     return messages
 
 
+def _chains_below(values: np.ndarray, threshold: float, message) -> list[str]:
+    """``[message(chains, their values)]`` for the chains whose value is below ``threshold``
+    (or NaN), else ``[]``."""
+    low = np.flatnonzero(~(values >= threshold))
+    if not low.size:
+        return []
+    return [message(low.tolist(), np.round(values[low], 8).tolist())]
+
+
 def _stats_checks(stats: dict, sampler: str, is_auxiliary: bool, max_tree_depth) -> list[str]:
     messages = []
     if "diverging" in stats and int(np.sum(stats["diverging"])):
@@ -137,14 +146,13 @@ def _stats_checks(stats: dict, sampler: str, is_auxiliary: bool, max_tree_depth)
         ebfmi = np.sum(np.diff(energy, axis=1) ** 2, axis=1) / np.sum(
             (energy - energy.mean(axis=1, keepdims=True)) ** 2, axis=1
         )
-        low = np.flatnonzero(~(ebfmi >= MIN_EBFMI))
-        if low.size:
-            messages.append(
-                f"E-BFMI below {MIN_EBFMI} in chains {low.tolist()} "
-                f"({np.round(ebfmi[low], 3).tolist()}): the momentum resampling hardly moves "
-                "the energy (heavy tails or a funnel). Reparametrise (auxiliary=True) or use a "
-                "dense mass matrix (dense_mass=True)."
-            )
+        messages += _chains_below(
+            ebfmi,
+            MIN_EBFMI,
+            lambda chains, values: f"E-BFMI below {MIN_EBFMI} in chains {chains} ({values}): "
+            "the momentum resampling hardly moves the energy (heavy tails or a funnel). "
+            "Reparametrise (auxiliary=True) or use a dense mass matrix (dense_mass=True).",
+        )
     if "tree_depth" in stats and max_tree_depth is not None:
         saturated = np.asarray(stats["tree_depth"]) >= max_tree_depth
         if saturated.mean() > 0.01:
@@ -154,14 +162,13 @@ def _stats_checks(stats: dict, sampler: str, is_auxiliary: bool, max_tree_depth)
                 "reparametrise (the posterior is badly scaled)."
             )
     if "step_size" in stats:
-        step = np.asarray(stats["step_size"])[:, 0]
-        small = np.flatnonzero(~(step >= MIN_STEP_SIZE))
-        if small.size:
-            messages.append(
-                f"the adapted step size collapsed to {np.round(step[small], 8).tolist()} in "
-                f"chains {small.tolist()}: warm-up did not find the typical set, so these chains "
-                "hardly move. Raise num_warmup, start elsewhere, or use nuts."
-            )
+        messages += _chains_below(
+            np.asarray(stats["step_size"])[:, 0],
+            MIN_STEP_SIZE,
+            lambda chains, values: f"the adapted step size collapsed to {values} in chains "
+            f"{chains}: warm-up did not find the typical set, so these chains hardly move. "
+            "Raise num_warmup, start elsewhere, or use nuts.",
+        )
     return messages
 
 
