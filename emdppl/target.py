@@ -15,7 +15,6 @@ from collections.abc import Callable
 import equinox as eqx
 import jax
 import jax.numpy as jnp
-import numpy as np
 import numpyro
 from numpyro import handlers
 from numpyro.distributions import biject_to
@@ -88,11 +87,17 @@ def _trace_at_init(
 
 def _prototype(
     model: Callable, model_args: tuple, model_kwargs: dict, rng_key: PRNGKey, is_auxiliary: bool
-) -> dict:
+) -> tuple[dict, dict]:
     """Unconstrained values of the latents at a prior draw, after rejecting discrete latents
-    and models without latents, and warning about latents left centered. Runs at trace time,
-    once per compile."""
+    and models without latents, and warning about latents left centered; and, per observed
+    site, the number of data values outside its likelihood's support (traced). Runs at trace
+    time, once per compile."""
     trace = _trace_at_init(model, model_args, model_kwargs, rng_key)
+    outside = {
+        k: jnp.sum(~s["fn"].support(s["value"]))
+        for k, s in trace.items()
+        if s["type"] == "sample" and s["is_observed"]
+    }
     latents = [k for k, s in trace.items() if s["type"] == "sample" and not s["is_observed"]]
     discrete = [k for k in latents if trace[k]["fn"].is_discrete]
     if discrete:
@@ -118,16 +123,18 @@ def _prototype(
             UserWarning,
             stacklevel=caller_stacklevel(),
         )
-    return {k: biject_to(trace[k]["fn"].support).inv(trace[k]["value"]) for k in latents}
+    latent_values = {k: biject_to(trace[k]["fn"].support).inv(trace[k]["value"]) for k in latents}
+    return latent_values, outside
 
 
 @eqx.filter_jit
 def _initial_positions(
     log_density: NumPyroLogDensity, rng_keys: PRNGKey, radius: float
-) -> tuple[dict, jax.Array]:
-    """One valid unconstrained position per key (uniform in ``[-radius, radius]``, retried)."""
+) -> tuple[dict, jax.Array, dict]:
+    """One valid unconstrained position per key (uniform in ``[-radius, radius]``, retried),
+    their validity, and per observed site the count of data outside the support."""
     model = _call_model(log_density.model, log_density.is_auxiliary)
-    prototype = _prototype(
+    prototype, outside = _prototype(
         model,
         log_density.model_args,
         log_density.model_kwargs,
@@ -146,7 +153,8 @@ def _initial_positions(
         )
         return params, is_valid
 
-    return jax.vmap(one)(rng_keys)
+    position, is_valid = jax.vmap(one)(rng_keys)
+    return position, is_valid, outside
 
 
 def _site_log_probs(
@@ -161,31 +169,29 @@ def _site_log_probs(
     }
 
 
-def _check_sites(
-    model: Callable, model_args: tuple, model_kwargs: dict, rng_key: PRNGKey, auxiliary: bool
-) -> None:
+def _check_outside_support(outside: dict) -> None:
     """Refuse, naming the site, data outside the support of its likelihood (their log density
-    would be silently finite or -inf) and, for the auxiliary form, a site already named
-    ``<latent>_decentered`` (NumPyro would stop on a bare assertion)."""
-    from emdppl.reparam import DECENTERED
-
-    with numpyro.validation_enabled(False):
-        trace = _trace_at_init(model, model_args, model_kwargs, rng_key)
-    outside = {}
-    for name, site in trace.items():
-        if site["type"] == "sample" and site["is_observed"]:
-            inside = np.asarray(site["fn"].support(site["value"]))
-            if not inside.all():
-                outside[name] = f"{int((~inside).sum())} of {inside.size} values outside " + (
-                    f"{type(site['fn']).__name__}'s support {site['fn'].support}"
-                )
+    would be silently finite or -inf); ``outside`` counts them per observed site."""
+    outside = {k: int(v) for k, v in outside.items() if int(v)}
     if outside:
         raise ValueError(
             f"data NaN/inf or outside the likelihood's support at observed site(s) "
-            f"{sorted(outside)}: {outside}. Check the data or the likelihood."
+            f"{sorted(outside)}: {outside} values. Check the data or the likelihood."
         )
-    clashes = sorted(k for k in trace if k + DECENTERED in trace)
-    if auxiliary and clashes:
+
+
+def _check_auxiliary_names(
+    model: Callable, model_args: tuple, model_kwargs: dict, rng_key: PRNGKey
+) -> None:
+    """Called when tracing the auxiliary form failed on an assertion: a site already named
+    ``<latent>_decentered`` clashes with the noise the auxiliary form adds (NumPyro stops on a
+    bare assertion); name it."""
+    from emdppl.reparam import DECENTERED
+
+    with numpyro.validation_enabled(False):
+        names = set(_trace_at_init(model, model_args, model_kwargs, rng_key))
+    clashes = sorted(k for k in names if k + DECENTERED in names)
+    if clashes:
         raise ValueError(
             f"site(s) {[k + DECENTERED for k in clashes]} clash with the names the auxiliary form "
             f"gives the noise of {clashes}: rename them in the model, or pass auxiliary=False."
@@ -299,12 +305,17 @@ class Target(eqx.Module):
         if num_chains < 1:
             raise ValueError(f"num_chains must be >= 1, got {num_chains}.")
         check_model_arguments(model, tuple(model_args), model_kwargs)
-        _check_sites(model, tuple(model_args), model_kwargs, as_key(rng_key), auxiliary)
         log_density = NumPyroLogDensity(model, auxiliary, tuple(model_args), model_kwargs)
         postprocess = NumPyroPostprocess(model, auxiliary, tuple(model_args), model_kwargs)
         keys = jax.random.split(as_key(rng_key), num_chains)
-        with numpyro.validation_enabled(False):
-            position, is_valid = _initial_positions(log_density, keys, init_radius)
+        try:
+            with numpyro.validation_enabled(False):
+                position, is_valid, outside = _initial_positions(log_density, keys, init_radius)
+        except AssertionError:
+            if auxiliary:
+                _check_auxiliary_names(model, tuple(model_args), model_kwargs, keys[0])
+            raise
+        _check_outside_support(outside)
         if not bool(jnp.all(is_valid)):
             site_lp = _site_log_probs(
                 _call_model(model, auxiliary), tuple(model_args), model_kwargs, keys[0]
