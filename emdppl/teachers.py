@@ -524,12 +524,11 @@ def _laplace(logdensity_fn: Callable, unravel_fn: Callable, x0: jax.Array, num_s
 def laplace_standardization(
     logdensity_fn: Callable, unravel_fn: Callable, x0: jax.Array, num_steps: int = 200
 ) -> tuple[jax.Array, jax.Array]:
-    r"""``(m (d,), L (d, d))`` that put the posterior on a unit scale: a Laplace approximation
-    (the mode by L-BFGS from ``x0``; :math:`L L^T = H^{-1}`, :math:`H` the negative Hessian
-    there, its eigenvalues floored at :math:`10^{-6}\lambda_{max}`), refined by a diagonal
-    Gaussian variational fit in the Laplace coordinates (:func:`_gaussian_fit`), since a
-    hierarchical model's joint mode can lie far from its mass. Falls back to :math:`(x_0, I)`
-    when the mode or the Hessian is not finite."""
+    r"""``(m (d,), L (d, d))`` that put the posterior on a unit scale by a Laplace
+    approximation: :math:`m` the mode (L-BFGS from ``x0``), :math:`L L^T = H^{-1}` with
+    :math:`H` the negative Hessian there, its eigenvalues floored at
+    :math:`10^{-6}\lambda_{max}` (flat or non-convex directions). Falls back to
+    :math:`(x_0, I)` when the mode or the Hessian is not finite."""
     mode, lp, hessian = _laplace(logdensity_fn, unravel_fn, jnp.asarray(x0), num_steps)
     mode, hessian = np.asarray(mode, np.float64), np.asarray(hessian, np.float64)
     dtype, d = jnp.result_type(x0), mode.shape[0]
@@ -537,53 +536,11 @@ def laplace_standardization(
         return jnp.asarray(x0, dtype), jnp.eye(d, dtype=dtype)
     eigenvalues, vectors = np.linalg.eigh(0.5 * (hessian + hessian.T))
     if not eigenvalues.max() > 0:
-        mode_, tril = jnp.asarray(mode, dtype), jnp.eye(d, dtype=dtype)
-    else:
-        eigenvalues = np.maximum(eigenvalues, 1e-6 * eigenvalues.max())
-        covariance = (vectors / eigenvalues) @ vectors.T
-        mode_ = jnp.asarray(mode, dtype)
-        tril = jnp.asarray(np.linalg.cholesky(0.5 * (covariance + covariance.T)), dtype)
-    loc, scale = _gaussian_fit(logdensity_fn, unravel_fn, mode_, tril)
-    loc, scale = np.asarray(loc), np.asarray(scale)
-    if not (np.isfinite(loc).all() and np.isfinite(scale).all()):
-        return mode_, tril
-    return mode_ + tril @ jnp.asarray(loc, dtype), tril * jnp.asarray(scale, dtype)
-
-
-@eqx.filter_jit
-def _gaussian_fit(
-    logdensity_fn: Callable,
-    unravel_fn: Callable,
-    shift: jax.Array,
-    scale_tril: jax.Array,
-    num_steps: int = 500,
-    num_draws: int = 16,
-):
-    r"""A diagonal Gaussian :math:`N(a, \mathrm{diag}(b^2))` fitted to the posterior of
-    :math:`u` (position :math:`m + L u`) by maximising the reparametrised ELBO with Adam
-    (fixed key: deterministic); returns ``(a (d,), b (d,))``."""
-    d = shift.shape[0]
-
-    def negative_elbo(params, key):
-        loc, log_scale = params
-        eps = jax.random.normal(key, (num_draws, d), shift.dtype)
-        u = loc + jnp.exp(log_scale) * eps
-        lp = jax.vmap(lambda u: logdensity_fn(unravel_fn(shift + scale_tril @ u)))(u)
-        return -(jnp.mean(lp) + jnp.sum(log_scale))
-
-    optimizer = optax.adam(optax.cosine_decay_schedule(0.05, num_steps, alpha=0.1))
-    params = (jnp.zeros(d, shift.dtype), jnp.zeros(d, shift.dtype))
-
-    def step(carry, key):
-        params, state = carry
-        grads = jax.grad(negative_elbo)(params, key)
-        grads = jax.tree.map(lambda g: jnp.where(jnp.isfinite(g), g, 0.0), grads)
-        updates, state = optimizer.update(grads, state, params)
-        return (optax.apply_updates(params, updates), state), None
-
-    keys = jax.random.split(jax.random.key(0), num_steps)
-    ((loc, log_scale), _), _ = jax.lax.scan(step, (params, optimizer.init(params)), keys)
-    return loc, jnp.exp(log_scale)
+        return jnp.asarray(mode, dtype), jnp.eye(d, dtype=dtype)
+    eigenvalues = np.maximum(eigenvalues, 1e-6 * eigenvalues.max())
+    covariance = (vectors / eigenvalues) @ vectors.T
+    scale_tril = np.linalg.cholesky(0.5 * (covariance + covariance.T))
+    return jnp.asarray(mode, dtype), jnp.asarray(scale_tril, dtype)
 
 
 def __getattr__(name: str):
