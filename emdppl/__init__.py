@@ -14,8 +14,10 @@ Layout, lower layers first (a module imports only from the lines above it):
 - ``diagnostics``: what Stan checks after a run (R-hat, ESS, divergences, E-BFMI, tree depth,
   step size, non-finite draws), one warning naming the sites and the fix.
 - ``driver``: :func:`run`, any Algorithm in jitted ``lax.scan`` chunks; checkpoints, resume.
-- ``kernels/ula``: the unadjusted Langevin kernel, in blackjax's shape.
-- ``samplers``: the one sampler registry over blackjax kernels.
+- ``initialization``: the optimisation-based start of MCMC chains (L-BFGS, chain by chain).
+- ``kernels/mala``, ``kernels/ula``: preconditioned MALA and the unadjusted Langevin kernel, in
+  blackjax's shape.
+- ``samplers``: the one sampler registry over blackjax kernels, and their warm-ups.
 - ``reparam``: the auxiliary form (one reparam family table for NumPyro and Pyro).
 - ``target``: :class:`Target`, a NumPyro model's log density and postprocessing.
 - ``predictive``: a NumPyro model's sites, plate dims, pointwise log likelihood and

@@ -3,13 +3,16 @@
 ``MCMC`` holds the settings; :func:`mcmc_algorithm` builds the pure ``(init, step)`` pair whose
 step advances every chain by one kernel step (``jax.vmap`` over chains); :meth:`MCMC.sample`
 runs warm-up and sampling on a :class:`~emdppl.target.Target` and returns arrays with leading
-``(chain, draw)`` axes.
+``(chain, draw)`` axes. Where the chains start is part of the settings (``init``): NumPyro's
+strategies (uniform, median, given values) or an optimisation from the uniform draws
+(:func:`emdppl.initialization.optimize_positions`), by default whichever suits the sampler
+(:attr:`emdppl.samplers.Sampler.default_init`).
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 import equinox as eqx
@@ -21,14 +24,18 @@ from emdppl.base import Algorithm, PRNGKey, PyTree, as_key
 from emdppl.diagnostics import check_constrained, check_mcmc, warn
 from emdppl.driver import run
 from emdppl.inference_data import to_arviz
-from emdppl.samplers import Sampler, get_sampler
+from emdppl.initialization import optimize_positions
+from emdppl.samplers import INIT_STRATEGIES, Sampler, get_sampler
 from emdppl.target import Target
 from emdppl.timing import stopwatch
 
 if TYPE_CHECKING:
     from emdppl.problem import Problem
 
-__all__ = ["MCMC", "MCMCResult", "MCMCState", "mcmc_algorithm"]
+__all__ = ["DEFAULT_INIT_RADIUS", "MCMC", "MCMCResult", "MCMCState", "mcmc_algorithm"]
+
+#: The radius :meth:`emdppl.Problem.target` draws initial positions with.
+DEFAULT_INIT_RADIUS = 2.0
 
 
 class MCMCState(NamedTuple):
@@ -134,7 +141,8 @@ class MCMCResult(NamedTuple):
     state
         The final :class:`MCMCState` (to continue sampling).
     timing
-        ``{"warmup_seconds", "sampling_seconds"}`` wall-clock, compilation included.
+        ``{"warmup_seconds", "sampling_seconds"}`` wall-clock, compilation included (warm-up
+        includes drawing or optimising the initial positions).
     warnings
         The problems :func:`emdppl.diagnostics.check_mcmc` found (empty: none).
     """
@@ -163,6 +171,22 @@ class MCMC:
         Chains run in parallel with ``jax.vmap``.
     thinning
         Keep every ``thinning``-th draw.
+    init
+        Where the chains start. ``"uniform"``: uniform in ``[-init_radius, init_radius]`` on the
+        unconstrained scale (NumPyro's ``init_to_uniform``; the positions the target was built
+        with when ``init_radius`` is 2); ``"median"``: the median of 15 prior draws per chain
+        (``init_to_median``); a dict ``{site: value}`` of sampled sites' values on their
+        constrained scale (``init_to_value``; in auxiliary form the sampled sites are
+        ``theta_decentered``, ...); ``"optimize"``: from each chain's uniform draw, at most 200
+        L-BFGS iterations on the log density, the chain starting at the first point of its path
+        within ``d / 2`` of the path's best log density, in the typical set
+        (:func:`emdppl.initialization.optimize_positions`). ``"median"``, a dict and a radius
+        other than 2 redraw a NumPyro model's sites; ``"optimize"`` and ``"uniform"`` at radius 2
+        work on any :class:`~emdppl.target.Target`, from its own positions. ``None``: the
+        sampler's default (:attr:`~emdppl.samplers.Sampler.default_init`: ``"uniform"`` for
+        nuts and hmc, ``"optimize"`` for mala, barker and mclmc).
+    init_radius
+        Half-width of the uniform draws.
     checkpoint_dir
         If given, sampling writes a checkpoint there after every chunk and a run that finds one
         resumes from it (see :func:`emdppl.run`); warm-up is one jitted call and is redone.
@@ -183,6 +207,8 @@ class MCMC:
         num_samples: int = 1000,
         num_chains: int = 4,
         thinning: int = 1,
+        init: str | Mapping | None = None,
+        init_radius: float = 2.0,
         checkpoint_dir: str | None = None,
         **sampler_options: Any,
     ) -> None:
@@ -201,13 +227,44 @@ class MCMC:
         self.thinning = int(thinning)
         self.checkpoint_dir = checkpoint_dir
         self.options = get_sampler(sampler).options(**sampler_options)
+        if init is None:
+            init = get_sampler(sampler).default_init
+        if isinstance(init, Mapping):
+            init = dict(init)
+        elif init not in INIT_STRATEGIES:
+            raise ValueError(
+                f"MCMC: init must be one of {INIT_STRATEGIES}, a dict of site values or None (the "
+                f"sampler's default, {get_sampler(sampler).default_init!r}), got {init!r}."
+            )
+        if not isinstance(init_radius, (int, float, np.floating, np.integer)) or not (
+            init_radius > 0
+        ):
+            raise ValueError(f"MCMC: init_radius must be a number > 0, got {init_radius!r}.")
+        self.init = init
+        self.init_radius = float(init_radius)
 
     def __repr__(self) -> str:
         opts = "".join(f", {k}={v!r}" for k, v in self.options.items())
+        init = f"init={self.init!r}" if isinstance(self.init, str) else "init={...}"
+        is_default_radius = self.init_radius == DEFAULT_INIT_RADIUS
+        radius = "" if is_default_radius else f", init_radius={self.init_radius}"
         return (
             f"MCMC({self.sampler!r}, num_warmup={self.num_warmup}, num_samples={self.num_samples}, "
-            f"num_chains={self.num_chains}, thinning={self.thinning}{opts})"
+            f"num_chains={self.num_chains}, thinning={self.thinning}, {init}{radius}{opts})"
         )
+
+    def initialize(self, rng_key: int | PRNGKey, target: Target) -> Target:
+        """``target`` started where ``init`` says (see the class docstring); the target itself
+        when ``init="uniform"`` at the default radius."""
+        if self.init == "uniform" and self.init_radius == DEFAULT_INIT_RADIUS:
+            return target
+        drawn = "uniform" if self.init == "optimize" else self.init
+        if drawn != "uniform" or self.init_radius != DEFAULT_INIT_RADIUS:
+            target = target.with_init(drawn, rng_key, init_radius=self.init_radius)
+        if self.init == "optimize":
+            position, _ = optimize_positions(target.logdensity_fn, target.initial_position)
+            target = target.with_initial_position(position)
+        return target
 
     def sample(
         self,
@@ -217,16 +274,18 @@ class MCMC:
         progress_bar: bool = True,
         is_auxiliary: bool = True,
     ) -> MCMCResult:
-        """Warm up and sample every chain of ``target`` (``initial_position`` sets the chains),
-        then check the run as Stan does (:func:`emdppl.diagnostics.check_mcmc`: one warning
-        listing every problem; ``is_auxiliary`` tells the divergence advice which form ran)."""
+        """Warm up and sample every chain of ``target`` (started at ``initial_position`` as
+        :meth:`initialize` moves it by ``init``), then check the run as Stan does
+        (:func:`emdppl.diagnostics.check_mcmc`: one warning listing every problem;
+        ``is_auxiliary`` tells the divergence advice which form ran)."""
         sampler = get_sampler(self.sampler)
         frozen = tuple(sorted(self.options.items()))
         warmup_key, init_key, sample_key = jax.random.split(as_key(rng_key), 3)
         algorithm = mcmc_algorithm(self.sampler, target.logdensity_fn, **self.options)
-        position = target.initial_position
 
         start = time.perf_counter()
+        # fold_in: the strategy's key leaves the warm-up and sampling keys as they were
+        position = self.initialize(jax.random.fold_in(init_key, 1), target).initial_position
         if self.num_warmup > 0 and sampler.warmup is not None:
             keys = jax.random.split(warmup_key, target.num_chains)
             with tqdm(total=1, desc=f"{self.sampler} warmup", disable=not progress_bar) as bar:
@@ -288,7 +347,9 @@ class MCMC:
     def infer(
         self, problem: Problem, *, rng_key: int | PRNGKey = 0, progress_bar: bool = True
     ) -> Any:
-        """Sample ``problem``'s posterior and return InferenceData; see :func:`emdppl.infer`."""
+        """Sample ``problem``'s posterior and return InferenceData (every site the target's
+        ``postprocess`` gives, ``sample_stats``); :func:`emdppl.infer` adds the model's groups
+        (:func:`emdppl.inference_data.add_model_groups`)."""
         target_key, sample_key = jax.random.split(as_key(rng_key))
         with stopwatch() as watch:
             target = problem.target(self.num_chains, target_key)

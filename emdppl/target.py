@@ -18,13 +18,16 @@ import jax.numpy as jnp
 import numpyro
 from numpyro import handlers
 from numpyro.distributions import biject_to
-from numpyro.infer.initialization import init_to_uniform
+from numpyro.infer.initialization import init_to_median, init_to_uniform, init_to_value
 from numpyro.infer.util import constrain_fn, find_valid_initial_params, potential_energy
 
 from emdppl.base import PRNGKey, PyTree, as_key, caller_stacklevel
 from emdppl.reparam import auxiliary as make_auxiliary
 
 __all__ = ["NumPyroLogDensity", "NumPyroPostprocess", "Target"]
+
+#: How :meth:`Target.from_numpyro` draws initial positions, besides a dict of values.
+_DRAWN_INITS = ("uniform", "median")
 
 
 def _call_model(model: Callable, is_auxiliary: bool) -> Callable:
@@ -127,12 +130,27 @@ def _prototype(
     return latent_values, outside
 
 
+def _init_strategy(init: str | dict, radius: float) -> Callable:
+    """NumPyro's init strategy for ``init``: ``init_to_uniform(radius)``, ``init_to_median``
+    (15 prior draws; uniform for sites without a sampler, e.g. flat priors) or
+    ``init_to_value`` (the given sites; uniform for the others)."""
+    if isinstance(init, dict):
+        return init_to_value(values=init)
+    if init == "median":
+        return init_to_median(num_samples=15)
+    return init_to_uniform(radius=radius)
+
+
 @eqx.filter_jit
 def _initial_positions(
-    log_density: NumPyroLogDensity, rng_keys: PRNGKey, radius: float
+    log_density: NumPyroLogDensity,
+    rng_keys: PRNGKey,
+    radius: float,
+    init: str | dict = "uniform",
 ) -> tuple[dict, jax.Array, dict]:
-    """One valid unconstrained position per key (uniform in ``[-radius, radius]``, retried),
-    their validity, and per observed site the count of data outside the support."""
+    """One valid unconstrained position per key (by the ``init`` strategy: uniform in
+    ``[-radius, radius]`` by default; retried until finite), their validity, and per observed
+    site the count of data outside the support."""
     model = _call_model(log_density.model, log_density.is_auxiliary)
     prototype, outside = _prototype(
         model,
@@ -146,7 +164,7 @@ def _initial_positions(
         (params, _, _), is_valid = find_valid_initial_params(
             rng_key,
             model,
-            init_strategy=init_to_uniform(radius=radius),
+            init_strategy=_init_strategy(init, radius),
             model_args=log_density.model_args,
             model_kwargs=log_density.model_kwargs,
             prototype_params=prototype,
@@ -222,6 +240,35 @@ def check_model_arguments(model: Callable, model_args: tuple, model_kwargs: dict
         ) from None
 
 
+def _check_init(
+    model: Callable, model_args: tuple, model_kwargs: dict, rng_key: PRNGKey, init: str | dict
+) -> None:
+    """Refuse an unknown strategy, and values for sites the (auxiliary) model does not sample,
+    naming the sites it does."""
+    if isinstance(init, dict):
+        trace = _trace_at_init(model, model_args, model_kwargs, rng_key)
+        latents = [k for k, s in trace.items() if s["type"] == "sample" and not s["is_observed"]]
+        unknown = sorted(set(init) - set(latents))
+        if unknown:
+            from emdppl.reparam import DECENTERED
+
+            hint = [k + DECENTERED for k in unknown if k + DECENTERED in latents]
+            raise ValueError(
+                f"init values for {unknown}, which are not sampled sites; the sampled sites are "
+                f"{latents}."
+                + (
+                    f" In auxiliary form {hint} are sampled instead (unit-scale noise): give "
+                    "values for those, or run with auxiliary=False."
+                    if hint
+                    else ""
+                )
+            )
+    elif init not in _DRAWN_INITS:
+        raise ValueError(
+            f"init must be one of {_DRAWN_INITS} or a dict of site values, got {init!r}."
+        )
+
+
 def no_initial_position_error(
     num_failed: int, num_chains: int, num_tries: int, radius: float, advice: str
 ) -> ValueError:
@@ -273,6 +320,7 @@ class Target(eqx.Module):
         rng_key: int | PRNGKey = 0,
         auxiliary: bool = True,
         init_radius: float = 2.0,
+        init: str | dict = "uniform",
     ) -> Target:
         """Build the target of a NumPyro model's posterior.
 
@@ -283,12 +331,22 @@ class Target(eqx.Module):
         model_args, model_kwargs
             Its arguments; arrays among them are traced, Python scalars are static.
         num_chains
-            Number of initial positions, drawn uniformly in ``[-init_radius, init_radius]`` on
-            the unconstrained scale and retried until log density and gradient are finite.
+            Number of initial positions, drawn by ``init`` and retried until log density and
+            gradient are finite.
         rng_key
             Seed or key for the initial positions.
         auxiliary
             Apply :func:`emdppl.auxiliary` first (the default).
+        init_radius
+            Half-width of the uniform draws on the unconstrained scale.
+        init
+            NumPyro's initialisation strategies: ``"uniform"`` (``init_to_uniform(init_radius)``,
+            the default), ``"median"`` (``init_to_median``: the median of 15 prior draws per
+            chain; uniform for sites without a sampler, such as flat priors), or a dict
+            ``{site: value}`` (``init_to_value``) of values on the constrained scale of sampled
+            sites (in auxiliary form: ``theta_decentered``, not ``theta``), uniform for the
+            sites it leaves out. An optimisation-based start is :class:`emdppl.MCMC`'s
+            ``init="optimize"``.
 
         Examples
         --------
@@ -305,31 +363,12 @@ class Target(eqx.Module):
         if num_chains < 1:
             raise ValueError(f"num_chains must be >= 1, got {num_chains}.")
         check_model_arguments(model, tuple(model_args), model_kwargs)
+        _check_init(
+            _call_model(model, auxiliary), tuple(model_args), model_kwargs, as_key(rng_key), init
+        )
         log_density = NumPyroLogDensity(model, auxiliary, tuple(model_args), model_kwargs)
         postprocess = NumPyroPostprocess(model, auxiliary, tuple(model_args), model_kwargs)
-        keys = jax.random.split(as_key(rng_key), num_chains)
-        try:
-            with numpyro.validation_enabled(False):
-                position, is_valid, outside = _initial_positions(log_density, keys, init_radius)
-        except AssertionError:
-            if auxiliary:
-                _check_auxiliary_names(model, tuple(model_args), model_kwargs, keys[0])
-            raise
-        _check_outside_support(outside)
-        if not bool(jnp.all(is_valid)):
-            site_lp = _site_log_probs(
-                _call_model(model, auxiliary), tuple(model_args), model_kwargs, keys[0]
-            )
-            bad = [k for k, v in site_lp.items() if not jnp.isfinite(v)]
-            raise no_initial_position_error(
-                int(jnp.sum(~is_valid)),
-                num_chains,
-                100,
-                init_radius,
-                f"Sites with a non-finite log probability at a prior draw: {bad or 'none found'}. "
-                "Check the data (NaN, out-of-support observations) and the parameters of those "
-                "sites.",
-            )
+        position = _draw_initial_positions(log_density, num_chains, rng_key, init_radius, init)
         return cls(log_density, position, postprocess)
 
     @classmethod
@@ -390,6 +429,56 @@ class Target(eqx.Module):
     def with_initial_position(self, initial_position: PyTree) -> Target:
         """The same target, started elsewhere."""
         return Target(self.logdensity_fn, initial_position, self.postprocess_fn)
+
+    def with_init(
+        self, init: str | dict, rng_key: int | PRNGKey, *, init_radius: float = 2.0
+    ) -> Target:
+        """The same target with its ``num_chains`` initial positions drawn anew by ``init``
+        (as in :meth:`from_numpyro`); only a NumPyro model's target has the sites to draw."""
+        log_density = self.logdensity_fn
+        if not isinstance(log_density, NumPyroLogDensity):
+            raise ValueError(
+                f"init={init!r} draws a NumPyro model's sites; this Target is a plain log density "
+                "(from_logdensity, or a Pyro model). Set its positions with "
+                "target.with_initial_position(...), or use init='optimize' from them."
+            )
+        model = _call_model(log_density.model, log_density.is_auxiliary)
+        _check_init(model, log_density.model_args, log_density.model_kwargs, as_key(rng_key), init)
+        position = _draw_initial_positions(log_density, self.num_chains, rng_key, init_radius, init)
+        return self.with_initial_position(position)
+
+
+def _draw_initial_positions(
+    log_density: NumPyroLogDensity,
+    num_chains: int,
+    rng_key: int | PRNGKey,
+    radius: float,
+    init: str | dict,
+) -> dict:
+    """``num_chains`` valid initial positions, or the error naming the sites at fault."""
+    keys = jax.random.split(as_key(rng_key), num_chains)
+    try:
+        with numpyro.validation_enabled(False):
+            position, is_valid, outside = _initial_positions(log_density, keys, radius, init)
+    except AssertionError:
+        if log_density.is_auxiliary:
+            _check_auxiliary_names(
+                log_density.model, log_density.model_args, log_density.model_kwargs, keys[0]
+            )
+        raise
+    _check_outside_support(outside)
+    if not bool(jnp.all(is_valid)):
+        model = _call_model(log_density.model, log_density.is_auxiliary)
+        site_lp = _site_log_probs(model, log_density.model_args, log_density.model_kwargs, keys[0])
+        bad = [k for k, v in site_lp.items() if not jnp.isfinite(v)]
+        advice = (
+            f"Sites with a non-finite log probability at a prior draw: {bad or 'none found'}. "
+            "Check the data (NaN, out-of-support observations) and the parameters of those sites."
+        )
+        if init != "uniform":
+            advice = f"(init={init!r} did not give a finite start either.) " + advice
+        raise no_initial_position_error(int(jnp.sum(~is_valid)), num_chains, 100, radius, advice)
+    return position
 
 
 @eqx.filter_jit

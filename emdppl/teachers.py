@@ -415,9 +415,7 @@ class DensityTeacher(AbstractTeacher):
         return jax.grad(lambda u: self.logdensity_fn(self.position(u)))(u)
 
     def score(self, x_t: jax.Array, sigma: jax.Array) -> jax.Array:
-        return laplace_smoothed_score(
-            self._grad_log_p, x_t, sigma, self.num_smoothing_iterations
-        )
+        return laplace_smoothed_score(self._grad_log_p, x_t, sigma, self.num_smoothing_iterations)
 
 
 def laplace_smoothed_score(
@@ -503,6 +501,7 @@ def density_teacher(
 @eqx.filter_jit
 def _laplace(logdensity_fn: Callable, unravel_fn: Callable, x0: jax.Array, num_steps: int):
     """L-BFGS to the mode from ``x0 (d,)``, then the Hessian there: ``(mode, lp, hessian)``."""
+
     def loss(x):
         return -logdensity_fn(unravel_fn(x))
 
@@ -512,13 +511,26 @@ def _laplace(logdensity_fn: Callable, unravel_fn: Callable, x0: jax.Array, num_s
     def step(carry, _):
         x, state = carry
         value, grad = value_and_grad(x, state=state)
-        updates, state = optimizer.update(
-            grad, state, x, value=value, grad=grad, value_fn=loss
-        )
+        updates, state = optimizer.update(grad, state, x, value=value, grad=grad, value_fn=loss)
         return (optax.apply_updates(x, updates), state), None
 
     (x, _), _ = jax.lax.scan(step, (x0, optimizer.init(x0)), None, length=num_steps)
-    return x, -loss(x), jax.hessian(loss)(x)
+    return x, -loss(x), _hessian(loss, x)
+
+
+def _hessian(loss: Callable, x: jax.Array) -> jax.Array:
+    r"""The Hessian ``(d, d)`` of ``loss`` at ``x (d,)``: exact where JAX can differentiate
+    ``loss`` twice, otherwise central differences of its gradient with steps
+    :math:`\epsilon^{1/3}\max(1, |x_i|)` (a log density computed on the host, such as a torch
+    or Pyro model behind a callback, has a JAX gradient but no second derivative)."""
+    try:
+        return jax.hessian(loss)(x)
+    except ValueError:  # raised while tracing: the callback has no JVP rule
+        pass
+    h = jnp.finfo(x.dtype).eps ** (1 / 3) * jnp.maximum(1.0, jnp.abs(x))
+    grad = jax.vmap(jax.grad(loss))
+    rows = (grad(x + jnp.diag(h)) - grad(x - jnp.diag(h))) / (2 * h[:, None])
+    return 0.5 * (rows + rows.T)
 
 
 def laplace_standardization(

@@ -190,7 +190,8 @@ def test_compare_hierarchical_and_pooled(results):
     assert "unconstrained_posterior" in _groups(pooled_idata)
     comparison = az.compare({"hierarchical": results["mcmc"], "pooled": pooled_idata})
     assert set(comparison.index) == {"hierarchical", "pooled"}
-    assert np.all(np.isfinite(comparison["elpd" if AZ1 else "elpd_loo"])) and np.all(comparison["weight"] >= 0)
+    assert np.all(np.isfinite(comparison["elpd" if AZ1 else "elpd_loo"]))
+    assert np.all(comparison["weight"] >= 0)
 
 
 def test_elpd_loo_agrees_with_numpyro_nuts(results):

@@ -6,6 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import emdppl
 from emdppl import generators, schedule, teachers
 
 
@@ -116,15 +117,51 @@ def test_from_model_scores_the_posterior():
         mu = numpyro.sample("mu", dist.Normal(0.0, 2.0))
         numpyro.sample("y", dist.Normal(mu, 1.0), obs=y)
 
-    teacher = teachers.from_model(model, model_kwargs={"y": jnp.array([1.0, 2.0])})
+    data = {"y": jnp.array([1.0, 2.0])}
+    teacher = teachers.from_model(model, model_kwargs=data)
     assert teacher.data_dim == 1
-    # posterior of mu_decentered (mu = 2 u): precision 1 + 4 * 2 = 9, mean 2 * 3 / 9. Gaussian,
-    # so the Laplace-smoothed score is exact: -(x - 2/3) / (1/9 + sigma^2).
-    x = jnp.array([0.3])
+    # posterior of mu_decentered (mu = 2 v): precision 1 + 4 * 2 = 9, mean 2 * 3 / 9. The
+    # teacher's coordinate u is standardised by the Laplace approximation, exact here:
+    # v = 2/3 + u / 3, u ~ N(0, 1), and the Laplace-smoothed score is exact: -u / (1 + sigma^2).
+    u = jnp.array([0.3])
+    np.testing.assert_allclose(teacher.position(u)["mu_decentered"], 2 / 3 + 0.1, rtol=1e-4)
     for sigma in (0.01, 0.3):
-        expected = -(x - 2 / 3) / (1 / 9 + sigma**2)
-        np.testing.assert_allclose(teacher.score(x, sigma), expected, rtol=1e-3)
+        np.testing.assert_allclose(teacher.score(u, sigma), -u / (1 + sigma**2), rtol=1e-3)
     assert teacher.sigma_max == pytest.approx(0.5)
+    # unstandardised, the coordinate is v itself: score -(v - 2/3) / (1/9 + sigma^2)
+    target = emdppl.Problem.of(model, model_kwargs=data).target(1, jax.random.key(0))
+    raw = teachers.density_teacher(target, standardize=False)
+    for sigma in (0.01, 0.3):
+        expected = -(u - 2 / 3) / (1 / 9 + sigma**2)
+        np.testing.assert_allclose(raw.score(u, sigma), expected, rtol=1e-3)
+
+
+def test_laplace_standardization_of_a_log_density_jax_differentiates_once():
+    """A log density on the host (numpy behind a custom-VJP callback, as torch and Pyro models
+    are) has no JAX Hessian: the Laplace fit falls back to differences of its gradient and
+    still recovers the Gaussian's mean and covariance (to the differences' O(h^2) = 0 here)."""
+    mean = np.array([1.0, -2.0, 0.5])
+    cov = np.array([[2.0, 0.6, 0.0], [0.6, 1.0, 0.3], [0.0, 0.3, 0.5]])
+    precision = np.linalg.inv(cov)
+
+    def host(x):
+        r = np.asarray(x, np.float64) - mean
+        return np.float32(-0.5 * r @ precision @ r), (-(precision @ r)).astype(np.float32)
+
+    @jax.custom_vjp
+    def logdensity(x):
+        return jax.pure_callback(lambda x: host(x)[0], jax.ShapeDtypeStruct((), x.dtype), x)
+
+    def fwd(x):
+        shapes = (jax.ShapeDtypeStruct((), x.dtype), jax.ShapeDtypeStruct(x.shape, x.dtype))
+        return jax.pure_callback(host, shapes, x, vmap_method="sequential")
+
+    logdensity.defvjp(fwd, lambda grad, cotangent: (cotangent * grad,))
+    with pytest.raises(ValueError, match="JVP"):
+        jax.hessian(logdensity)(jnp.zeros(3))
+    shift, scale_tril = teachers.laplace_standardization(logdensity, lambda x: x, jnp.zeros(3))
+    np.testing.assert_allclose(shift, mean, atol=1e-3)
+    np.testing.assert_allclose(scale_tril @ scale_tril.T, cov, atol=2e-3)
 
 
 def test_generators_shapes_and_numpyro_model():
@@ -145,14 +182,16 @@ def test_generators_shapes_and_numpyro_model():
     assert draws["x"].shape == (1, 7, 2)
     copy = generators.from_teacher(_mixture(), key=key)
     # the residual starts at zero: the generator is the teacher's denoiser at sigma_init
-    np.testing.assert_allclose(copy(z[0, :2]), _mixture().denoise(copy.input_scale * z[0, :2],
-                                                                 copy.sigma_init), rtol=1e-5)
+    np.testing.assert_allclose(
+        copy(z[0, :2]), _mixture().denoise(copy.input_scale * z[0, :2], copy.sigma_init), rtol=1e-5
+    )
 
 
 def test_sinh_arcsinh_generator_density_and_smoothed_score():
     generator = generators.sinh_arcsinh(1)
     generator = eqx.tree_at(
-        lambda g: (g.skew, g.log_tail, g.log_diag), generator,
+        lambda g: (g.skew, g.log_tail, g.log_diag),
+        generator,
         (jnp.array([0.7]), jnp.array([-0.3]), jnp.array([0.4])),
     )
     grid = jnp.linspace(-30, 30, 60_001)[:, None]
@@ -165,13 +204,16 @@ def test_sinh_arcsinh_generator_density_and_smoothed_score():
     affine = generators.affine(2, loc=jnp.array([1.0, -1.0]), scale=0.7)
     x = jnp.array([0.3, 0.4])
     np.testing.assert_allclose(
-        teachers.laplace_smoothed_score(jax.grad(lambda v: affine.marginal_logdensity(v, 0.0)),
-                                        x, 0.4, 30),
-        affine.marginal_score(x, 0.4), rtol=1e-4,
+        teachers.laplace_smoothed_score(
+            jax.grad(lambda v: affine.marginal_logdensity(v, 0.0)), x, 0.4, 30
+        ),
+        affine.marginal_score(x, 0.4),
+        rtol=1e-4,
     )
     np.testing.assert_allclose(
-        generator.marginal_score(jnp.array([0.5]), 1e-3), jax.grad(generator.log_prob)(
-            jnp.array([0.5])), rtol=1e-3,
+        generator.marginal_score(jnp.array([0.5]), 1e-3),
+        jax.grad(generator.log_prob)(jnp.array([0.5])),
+        rtol=1e-3,
     )
 
 
@@ -181,7 +223,8 @@ def test_maf_generator_is_triangular_with_exact_density():
     z = jax.random.normal(jax.random.key(1), (3,))
     np.testing.assert_allclose(generator(z), generator.base(z), rtol=1e-6)
     generator = eqx.tree_at(
-        lambda g: (g.w_out, g.b_out), generator,
+        lambda g: (g.w_out, g.b_out),
+        generator,
         (0.3 * jax.random.normal(jax.random.key(2), (6, 8)), jnp.full(6, 0.1)),
     )
     x = generator(z)
