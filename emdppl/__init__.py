@@ -11,6 +11,7 @@ Layout, lower layers first (a module imports only from the lines above it):
 
 - ``base``: ``Algorithm(init, step)``, PRNG keys, pytree helpers.
 - ``timing``: wall and compile seconds (JAX monitoring events).
+- ``sharding``: chains over devices (a ``"chain"`` mesh axis, data replicated).
 - ``diagnostics``: what Stan checks after a run (R-hat, ESS, divergences, E-BFMI, tree depth,
   step size, non-finite draws), one warning naming the sites and the fix.
 - ``driver``: :func:`run`, any Algorithm in jitted ``lax.scan`` chunks; checkpoints, resume.
@@ -40,7 +41,7 @@ Layout, lower layers first (a module imports only from the lines above it):
 - ``models``, ``demo``, ``cli``: the bundled eight schools, ``emdppl demo``, the command line.
 """
 
-from emdppl import emd, generators, teachers
+from emdppl import bridge, emd, generators, sharding, teachers
 from emdppl.base import Algorithm
 from emdppl.distill_config import DistillConfig
 from emdppl.distillation import EMD, DistillResult, distill
@@ -66,6 +67,7 @@ __all__ = [
     "Problem",
     "Target",
     "auxiliary",
+    "bridge",
     "check_auxiliary",
     "distill",
     "emd",
@@ -76,6 +78,7 @@ __all__ = [
     "register_sampler",
     "run",
     "samplers",
+    "sharding",
     "teachers",
     "to_arviz",
 ]

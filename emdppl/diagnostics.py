@@ -103,7 +103,7 @@ def _chain_checks(draws: dict, sampler: str) -> list[str]:
         messages.append(
             f"R-hat above {MAX_RHAT} for {int(bad.sum())} of {bad.size} scalars "
             f"({_worst(names, summary['rhat'], bad, True)}): the chains disagree, so they have "
-            "not converged. Run longer warm-up (num_warmup) or use nuts."
+            f"not converged. Run longer warm-up (num_warmup){_or_nuts(sampler)}."
         )
     for kind in ("ess_bulk", "ess_tail"):
         ess = summary[kind]
@@ -112,9 +112,15 @@ def _chain_checks(draws: dict, sampler: str) -> list[str]:
             messages.append(
                 f"{kind.replace('_', ' ')} below {MIN_ESS_PER_CHAIN} per chain for "
                 f"{int(bad.sum())} of {bad.size} scalars ({_worst(names, ess, bad, False)}): "
-                "means and quantiles are unreliable. Draw more (num_samples) or use nuts."
+                "means and quantiles are unreliable. Draw more (num_samples)"
+                f"{_or_nuts(sampler)}."
             )
     return messages
+
+
+def _or_nuts(sampler: str) -> str:
+    """The advice to switch to NUTS, except for a NUTS run."""
+    return "" if sampler == "nuts" else " or use nuts"
 
 
 def _chains_below(values: np.ndarray, threshold: float, message) -> list[str]:
@@ -167,7 +173,7 @@ def _stats_checks(stats: dict, sampler: str, is_auxiliary: bool, max_tree_depth)
             MIN_STEP_SIZE,
             lambda chains, values: f"the adapted step size collapsed to {values} in chains "
             f"{chains}: warm-up did not find the typical set, so these chains hardly move. "
-            "Raise num_warmup, start elsewhere, or use nuts.",
+            f"Raise num_warmup, start elsewhere (emdppl.MCMC(init='optimize')){_or_nuts(sampler)}.",
         )
     return messages
 

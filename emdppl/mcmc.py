@@ -26,6 +26,7 @@ from emdppl.driver import run
 from emdppl.inference_data import to_arviz
 from emdppl.initialization import optimize_positions
 from emdppl.samplers import INIT_STRATEGIES, Sampler, get_sampler
+from emdppl.sharding import Devices, chain_mesh, describe, replicate, shard_chains
 from emdppl.target import Target
 from emdppl.timing import stopwatch
 
@@ -190,6 +191,13 @@ class MCMC:
     checkpoint_dir
         If given, sampling writes a checkpoint there after every chunk and a run that finds one
         resumes from it (see :func:`emdppl.run`); warm-up is one jitted call and is redone.
+    devices
+        Where the chains run (:func:`emdppl.sharding.chain_mesh`): ``None`` (the default
+        device), ``"all"``, an int (the first ``n`` of ``jax.devices()``), a list of devices or a
+        one-axis ``jax.sharding.Mesh``. Chains are split evenly over a ``"chain"`` mesh axis
+        (``num_chains`` must be a multiple of the number of devices), the data replicated; the
+        draws and InferenceData are the same as on one device (``attrs["devices"]`` lists the
+        devices). A Pyro model's log density runs on the host and gains nothing from devices.
     **sampler_options
         Options of the sampler, e.g. ``target_accept`` for NUTS or ``step_size`` for ULA.
 
@@ -210,6 +218,7 @@ class MCMC:
         init: str | Mapping | None = None,
         init_radius: float = 2.0,
         checkpoint_dir: str | None = None,
+        devices: Devices = None,
         **sampler_options: Any,
     ) -> None:
         self.sampler = get_sampler(sampler).name
@@ -242,6 +251,8 @@ class MCMC:
             raise ValueError(f"MCMC: init_radius must be a number > 0, got {init_radius!r}.")
         self.init = init
         self.init_radius = float(init_radius)
+        chain_mesh(devices, self.num_chains)  # a bad spec fails here, before any tracing
+        self.devices = devices
 
     def __repr__(self) -> str:
         opts = "".join(f", {k}={v!r}" for k, v in self.options.items())
@@ -281,16 +292,19 @@ class MCMC:
         sampler = get_sampler(self.sampler)
         frozen = tuple(sorted(self.options.items()))
         warmup_key, init_key, sample_key = jax.random.split(as_key(rng_key), 3)
-        algorithm = mcmc_algorithm(self.sampler, target.logdensity_fn, **self.options)
+        mesh = chain_mesh(self.devices, target.num_chains)
+        logdensity_fn = replicate(target.logdensity_fn, mesh)
+        algorithm = mcmc_algorithm(self.sampler, logdensity_fn, **self.options)
 
         start = time.perf_counter()
         # fold_in: the strategy's key leaves the warm-up and sampling keys as they were
         position = self.initialize(jax.random.fold_in(init_key, 1), target).initial_position
+        position = shard_chains(position, mesh)
         if self.num_warmup > 0 and sampler.warmup is not None:
-            keys = jax.random.split(warmup_key, target.num_chains)
+            keys = shard_chains(jax.random.split(warmup_key, target.num_chains), mesh)
             with tqdm(total=1, desc=f"{self.sampler} warmup", disable=not progress_bar) as bar:
                 state = _warmup(
-                    self.sampler, frozen, self.num_warmup, target.logdensity_fn, position, keys
+                    self.sampler, frozen, self.num_warmup, logdensity_fn, position, keys
                 )
                 jax.block_until_ready(state)
                 bar.update()
@@ -369,6 +383,7 @@ class MCMC:
             "sampler_parameters": result.parameters,
             "wall_seconds": watch.wall_seconds,
             "compile_seconds": watch.compile_seconds,
+            "devices": describe(chain_mesh(self.devices, self.num_chains)),
             **result.timing,
             "warnings": [*result.warnings, *constrained],
         }

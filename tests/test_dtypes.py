@@ -83,3 +83,32 @@ def test_pyro_bridge_follows_the_models_dtype(dtype):
     )
     beta = np.asarray(target.postprocess(result.positions)["beta"]).reshape(-1, 2)
     assert np.all(np.abs(beta.mean(0) - BETA_MEAN) < 5 * BETA_SD), (beta.mean(0), BETA_MEAN)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("in_event", [True, False], ids=["event_dims", "batch_dims_without_plate"])
+def test_pyro_log_likelihood_and_predictive_in_the_models_dtype(dtype, in_event):
+    """ArviZ's Pyro groups are computed in the model's dtype (a float32 model used to fail on
+    ``x @ beta`` with float64 draws): log_likelihood equals the Gaussian log density of each
+    observation at each draw, computed here in float64 (to float32 round-off)."""
+    torch = pytest.importorskip("torch")
+    pyro = pytest.importorskip("pyro")
+    import pyro.distributions as pdist
+
+    tdtype = getattr(torch, dtype)
+
+    def model(x, y=None):
+        beta = pyro.sample("beta", pdist.Normal(torch.zeros(2, dtype=tdtype), 10.0).to_event(1))
+        likelihood = pdist.Normal(x @ beta, 0.5)
+        pyro.sample("y", likelihood.to_event(1) if in_event else likelihood, obs=y)
+
+    data = dict(x=torch.tensor(X, dtype=tdtype), y=torch.tensor(Y, dtype=tdtype))
+    mcmc = emdppl.MCMC("nuts", num_warmup=100, num_samples=50, num_chains=2)
+    idata = emdppl.infer(model, mcmc, model_kwargs=data, rng_key=0, progress_bar=False,
+                         posterior_predictive=True)
+    beta = np.asarray(idata.posterior["beta"].values, np.float64)  # (chain, draw, 2)
+    mean = beta @ np.asarray(X, np.float64).T  # (chain, draw, n)
+    pointwise = -0.5 * ((np.asarray(Y) - mean) / 0.5) ** 2 - np.log(0.5 * np.sqrt(2 * np.pi))
+    expected = pointwise.sum(-1) if in_event else pointwise
+    np.testing.assert_allclose(idata.log_likelihood["y"].values, expected, rtol=1e-4, atol=1e-3)
+    assert idata.posterior_predictive["y"].shape == (2, 50, len(Y))

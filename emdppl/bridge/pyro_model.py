@@ -243,6 +243,24 @@ def auxiliary_pyro(model: Callable) -> Callable:
 # Arguments, traces, the report.
 
 
+def model_dtype(model: Any, model_args: tuple, model_kwargs: dict) -> Any:
+    """The floating dtype the model computes in: that of its floating tensors (arguments and a
+    module's parameters; promoted if they differ), else torch's default (float32, as Pyro users
+    write models)."""
+    import torch
+
+    tensors = [*model_args, *model_kwargs.values()]
+    if isinstance(model, torch.nn.Module):
+        tensors += list(model.parameters())
+    dtypes = [t.dtype for t in tensors if isinstance(t, torch.Tensor) and t.is_floating_point()]
+    if not dtypes:
+        return torch.get_default_dtype()
+    out = dtypes[0]
+    for dtype in dtypes[1:]:
+        out = torch.promote_types(out, dtype)
+    return out
+
+
 def to_torch_args(model_args: tuple, model_kwargs: dict) -> tuple[tuple, dict]:
     """numpy and JAX arrays among the arguments become torch tensors (same dtype)."""
     import torch

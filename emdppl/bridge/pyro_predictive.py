@@ -9,8 +9,9 @@ the observed sites with ``pyro.infer.Predictive`` on ``poutine.uncondition(model
 whose batch dims are not all annotated by plates cannot be vectorised that way; it is then run
 once per draw (``poutine.condition``).
 
-Arrays come in and go out as numpy, with leading ``(chain, draw)`` axes; torch runs in float64
-(like the bridge's log density) and results are returned in the draws' dtype. Like the rest of
+Arrays come in and go out as numpy, with leading ``(chain, draw)`` axes; torch runs in the
+dtype of the model's tensors (like the bridge's log density: :func:`~emdppl.bridge.pyro_model.
+model_dtype`) and results are returned in the draws' dtype. Like the rest of
 :mod:`emdppl.bridge`, torch and pyro are imported inside the functions only.
 """
 
@@ -25,6 +26,7 @@ import numpy as np
 from emdppl.bridge.pyro_model import (
     auxiliary_pyro,
     latent_sites,
+    model_dtype,
     require_pyro,
     to_torch_args,
     trace_model,
@@ -97,15 +99,15 @@ def pyro_model_data(
     )
 
 
-def _flat_draws(latents: dict) -> tuple[dict, tuple[int, int], Any]:
-    """``{site: (chain, draw, ...)}`` numpy to ``{site: (chain * draw, ...)}`` float64 torch,
-    with the ``(chain, draw)`` shape and the draws' dtype."""
+def _flat_draws(latents: dict, torch_dtype: Any) -> tuple[dict, tuple[int, int], Any]:
+    """``{site: (chain, draw, ...)}`` numpy to ``{site: (chain * draw, ...)}`` torch tensors in
+    ``torch_dtype`` (the model's), with the ``(chain, draw)`` shape and the draws' dtype."""
     import torch
 
     first = np.asarray(next(iter(latents.values())))
     batch = first.shape[:2]
     flat = {
-        k: torch.as_tensor(np.asarray(v, np.float64).reshape(-1, *np.shape(v)[2:]))
+        k: torch.as_tensor(np.asarray(v).reshape(-1, *np.shape(v)[2:]), dtype=torch_dtype)
         for k, v in latents.items()
     }
     return flat, batch, first.dtype
@@ -150,7 +152,7 @@ def pyro_log_likelihood(
     from pyro.infer import Predictive
 
     args, kwargs = to_torch_args(tuple(model_args), dict(model_kwargs))
-    flat, batch, dtype = _flat_draws(latents)
+    flat, batch, dtype = _flat_draws(latents, model_dtype(model, args, kwargs))
     shapes = _batch_shapes(model, args, kwargs)
 
     def one(draw: dict) -> dict:
@@ -219,7 +221,7 @@ def pyro_posterior_predictive(
     *obs_shape)}``; ``latents`` as in :func:`pyro_log_likelihood`."""
     require_pyro()
     args, kwargs = to_torch_args(tuple(model_args), dict(model_kwargs))
-    flat, batch, dtype = _flat_draws(latents)
+    flat, batch, dtype = _flat_draws(latents, model_dtype(model, args, kwargs))
     trace = trace_model(model, args, kwargs, 0)
     draws = _predict(model, flat, math.prod(batch), list(observed), seed, args, kwargs)
     return {

@@ -33,6 +33,7 @@ from emdppl.bridge.pyro_model import (
     auxiliary_pyro,
     is_discrete,
     latent_sites,
+    model_dtype,
     require_pyro,
     to_torch_args,
     trace_model,
@@ -59,24 +60,6 @@ def _device(model: Any, model_args: tuple, model_kwargs: dict) -> Any:
     if isinstance(model, torch.nn.Module):
         tensors.update({f"parameter {k!r}": p for k, p in model.named_parameters()})
     return check_devices(tensors)
-
-
-def _dtype(model: Any, model_args: tuple, model_kwargs: dict) -> Any:
-    """The floating dtype the model computes in: that of its floating tensors (arguments and a
-    module's parameters; promoted if they differ), else torch's default (float32, as Pyro users
-    write models)."""
-    import torch
-
-    tensors = [*model_args, *model_kwargs.values()]
-    if isinstance(model, torch.nn.Module):
-        tensors += list(model.parameters())
-    dtypes = [t.dtype for t in tensors if isinstance(t, torch.Tensor) and t.is_floating_point()]
-    if not dtypes:
-        return torch.get_default_dtype()
-    out = dtypes[0]
-    for dtype in dtypes[1:]:
-        out = torch.promote_types(out, dtype)
-    return out
 
 
 class _Layout:
@@ -297,7 +280,7 @@ def target_from_pyro(
 
     ``logdensity_fn(position) = -U(position)``, Pyro's potential energy of the (auxiliary)
     model on the unconstrained space: :math:`\log p(\mathrm{data}, T(u)) + \log|\det J_T(u)|`,
-    computed by torch in the dtype of the model's tensors (:func:`_dtype`: float32 unless the
+    computed by torch in the dtype of the model's tensors (:func:`.model_dtype`: float32 unless the
     data or parameters are float64) and returned to JAX as float32 with its gradient in one host
     round trip (:func:`emdppl.bridge.torch_logdensity`); vmapped chains are one torch batch.
 
@@ -338,7 +321,7 @@ def target_from_pyro(
     check_model_arguments(model, tuple(model_args), model_kwargs)
     model_args, model_kwargs = to_torch_args(tuple(model_args), model_kwargs)
     device = _device(model, model_args, model_kwargs)
-    dtype = _dtype(model, model_args, model_kwargs)
+    dtype = model_dtype(model, model_args, model_kwargs)
     init_key, prototype_key = jax.random.split(as_key(rng_key))
     seed = torch_seed(prototype_key)
 

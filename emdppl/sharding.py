@@ -1,0 +1,102 @@
+"""Chains over devices with JAX's own sharding: a ``"chain"`` mesh axis, data replicated.
+
+:func:`chain_mesh` turns the ``devices=`` argument of :class:`emdppl.MCMC` into a one-axis
+:class:`jax.sharding.Mesh`; :func:`shard_chains` places arrays with a leading chain axis as
+``NamedSharding(mesh, P("chain"))`` (each device holds ``num_chains / num_devices`` chains) and
+:func:`replicate` places everything else (data, parameters) on every device. ``jit`` then
+partitions warm-up and sampling by the shardings of its inputs: chains are independent, so the
+compiled program has no collectives. Under ``jax.distributed`` (several processes) the mesh
+spans the devices of every process (``jax.devices()``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import equinox as eqx
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from emdppl.base import PyTree
+
+__all__ = ["CHAIN_AXIS", "chain_mesh", "describe", "replicate", "shard_chains"]
+
+CHAIN_AXIS = "chain"
+
+#: What ``devices=`` accepts, besides a :class:`~jax.sharding.Mesh`.
+Devices = None | str | int | Sequence[Any] | Mesh
+
+
+def chain_mesh(devices: Devices, num_chains: int) -> Mesh | None:
+    """The mesh for ``devices``: ``None`` (the default device, no mesh), ``"all"``
+    (``jax.devices()``), an int ``n`` (the first ``n``), a list of devices, or a one-axis
+    ``Mesh`` (its axis becomes the chain axis). ``num_chains`` must be a multiple of the
+    number of devices: each device runs the same number of chains.
+
+    Raises
+    ------
+    ValueError
+        For an unknown spec, more devices than exist, or chains that do not divide evenly.
+    """
+    if devices is None:
+        return None
+    usage = f"devices must be None, 'all', an int, a list of devices or a Mesh, got {devices!r}."
+    if isinstance(devices, Mesh):
+        if devices.devices.ndim != 1:
+            raise ValueError(
+                f"devices: a Mesh with one axis is needed (chains over it), got axes "
+                f"{devices.axis_names}."
+            )
+        chosen = list(devices.devices.flat)
+    elif isinstance(devices, str):
+        if devices != "all":
+            raise ValueError(usage)
+        chosen = jax.devices()
+    elif isinstance(devices, (int, np.integer)) and not isinstance(devices, bool):
+        available = jax.devices()
+        if not 1 <= devices <= len(available):
+            raise ValueError(
+                f"devices={devices}: between 1 and the {len(available)} device(s) JAX sees "
+                f"({available[0].platform}). On a CPU, more are made with XLA_FLAGS="
+                "--xla_force_host_platform_device_count=N before JAX starts."
+            )
+        chosen = available[:devices]
+    elif isinstance(devices, Sequence) and devices and all(
+        isinstance(d, jax.Device) for d in devices
+    ):
+        chosen = list(devices)
+    else:
+        raise ValueError(usage)
+    if num_chains % len(chosen):
+        rounded = len(chosen) * -(-num_chains // len(chosen))
+        raise ValueError(
+            f"num_chains={num_chains} is not a multiple of the {len(chosen)} devices: every device "
+            f"runs the same number of chains. Use num_chains={rounded} or fewer devices."
+        )
+    return Mesh(np.asarray(chosen), (CHAIN_AXIS,))
+
+
+def shard_chains(tree: PyTree, mesh: Mesh | None) -> PyTree:
+    """The arrays of ``tree`` (leading axis: chains) split over ``mesh``'s chain axis; other
+    leaves as they are. ``mesh=None``: ``tree`` unchanged."""
+    if mesh is None:
+        return tree
+    sharding = NamedSharding(mesh, PartitionSpec(mesh.axis_names[0]))
+    return jax.tree.map(lambda x: jax.device_put(x, sharding) if eqx.is_array(x) else x, tree)
+
+
+def replicate(tree: PyTree, mesh: Mesh | None) -> PyTree:
+    """Every array of ``tree`` (a pytree, e.g. a log density holding the data) on every device
+    of ``mesh``; ``mesh=None``: unchanged."""
+    if mesh is None:
+        return tree
+    sharding = NamedSharding(mesh, PartitionSpec())
+    return jax.tree.map(lambda x: jax.device_put(x, sharding) if eqx.is_array(x) else x, tree)
+
+
+def describe(mesh: Mesh | None) -> list[str]:
+    """The devices of ``mesh`` as strings (for ``attrs``); the default device without one."""
+    devices = jax.devices()[:1] if mesh is None else list(mesh.devices.flat)
+    return [str(d) for d in devices]
