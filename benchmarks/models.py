@@ -24,18 +24,23 @@ from emdppl.models import EIGHT_SCHOOLS, eight_schools
 
 __all__ = [
     "BENCHMARK_MODELS",
+    "NUMPYRO_EXAMPLE_MODELS",
     "SAMPLER_MODELS",
     "BenchmarkModel",
     "arK",
     "banana",
+    "baseball_logit",
     "brownian_motion",
     "diamonds",
     "german_credit",
+    "gp_regression",
     "hmm_example",
+    "horseshoe_regression",
     "kilpisjarvi",
     "load_german_credit",
     "low_dim_gauss_mix",
     "neals_funnel",
+    "zero_inflated_poisson",
 ]
 
 DATA_DIR = Path(__file__).resolve().parent / "data"
@@ -383,3 +388,131 @@ SAMPLER_MODELS: dict[str, BenchmarkModel] = {
     ),
 }
 """The models of ``samplers.py``, each with its reference posterior."""
+
+
+# ------------------------------------------------------------------------------------------
+# NumPyro's examples (examples/baseball.py, horseshoe_regression.py, zero_inflated_poisson.py,
+# gp.py), for ``emd_posteriors.py``; their references are NUTS runs (no gold standard).
+
+#: Efron and Morris (1975): hits in each of 18 players' first 45 at bats of the 1970 season
+#: (Clemente, F. Robinson, F. Howard, Johnstone, Berry, Spencer, Kessinger, L. Alvarado, Santo,
+#: Swoboda, Unser, Williams, Scott, Petrocelli, E. Rodriguez, Campaneris, Munson, Alvis).
+BASEBALL_HITS = (18, 17, 16, 15, 14, 14, 13, 12, 11, 11, 10, 10, 10, 10, 10, 9, 8, 7)
+
+
+def baseball_logit(at_bats: jnp.ndarray, hits: jnp.ndarray | None = None) -> None:
+    r"""NumPyro's ``partially_pooled_with_logit`` (examples/baseball.py).
+
+    :math:`\mathrm{loc} \sim N(-1, 1)`, :math:`\mathrm{scale} \sim \mathrm{HalfCauchy}(1)`,
+    :math:`\alpha_i \sim N(\mathrm{loc}, \mathrm{scale})`,
+    :math:`\mathrm{hits}_i \sim \mathrm{Binomial}(\mathrm{at\_bats}_i, \mathrm{logit}^{-1}
+    \alpha_i)`; ``at_bats``, ``hits`` (18,).
+    """
+    loc = numpyro.sample("loc", dist.Normal(-1.0, 1.0))
+    scale = numpyro.sample("scale", dist.HalfCauchy(1.0))
+    with numpyro.plate("num_players", at_bats.shape[0]):
+        alpha = numpyro.sample("alpha", dist.Normal(loc, scale))
+        numpyro.sample("obs", dist.Binomial(at_bats, logits=alpha), obs=hits)
+
+
+def horseshoe_regression(X: jnp.ndarray, Y: jnp.ndarray) -> None:  # noqa: N803 (NumPyro's names)
+    r"""NumPyro's ``model_normal_likelihood`` (examples/horseshoe_regression.py).
+
+    :math:`\lambda_j, \tau \sim \mathrm{HalfCauchy}(1)`, :math:`\tilde\beta_j \sim N(0, 1)`,
+    :math:`\beta = \tau\lambda\tilde\beta`, precision :math:`\sim \mathrm{Gamma}(3, 1)`,
+    :math:`Y \sim N(X\beta, \mathrm{precision}^{-1/2})`; ``X`` (N, D), ``Y`` (N,).
+    """
+    num_features = X.shape[1]
+    lambdas = numpyro.sample("lambdas", dist.HalfCauchy(jnp.ones(num_features)))
+    tau = numpyro.sample("tau", dist.HalfCauchy(jnp.ones(1)))
+    unscaled_betas = numpyro.sample("unscaled_betas", dist.Normal(0.0, jnp.ones(num_features)))
+    betas = numpyro.deterministic("betas", tau * lambdas * unscaled_betas)
+    prec_obs = numpyro.sample("prec_obs", dist.Gamma(3.0, 1.0))
+    numpyro.sample("Y", dist.Normal(X @ betas, 1.0 / jnp.sqrt(prec_obs)), obs=Y)
+
+
+def zero_inflated_poisson(X: jnp.ndarray, Y: jnp.ndarray) -> None:  # noqa: N803
+    r"""NumPyro's zero-inflated Poisson regression (examples/zero_inflated_poisson.py).
+
+    :math:`b_1, b_2 \sim N(0, I)`, gate :math:`\mathrm{logit}^{-1}(X b_1)`, rate
+    :math:`\exp(X b_2)`; ``X`` (N, D), ``Y`` (N,) counts.
+    """
+    num_features = X.shape[1]
+    b1 = numpyro.sample("b1", dist.Normal(0.0, 1.0).expand([num_features]).to_event(1))
+    b2 = numpyro.sample("b2", dist.Normal(0.0, 1.0).expand([num_features]).to_event(1))
+    gate, rate = jax.nn.sigmoid(X @ b1), jnp.exp(X @ b2)
+    with numpyro.plate("obs", X.shape[0]):
+        numpyro.sample("Y", dist.ZeroInflatedPoisson(gate=gate, rate=rate), obs=Y)
+
+
+def gp_regression(X: jnp.ndarray, Y: jnp.ndarray) -> None:  # noqa: N803
+    r"""NumPyro's GP hyperparameter model (examples/gp.py): squared-exponential kernel,
+    :math:`\mathrm{LogNormal}(0, 10)` priors on variance, noise and length scale, the marginal
+    MVN likelihood :math:`Y \sim N(0, K + (\mathrm{noise} + 10^{-6}) I)`; ``X``, ``Y`` (N,)."""
+    var = numpyro.sample("kernel_var", dist.LogNormal(0.0, 10.0))
+    noise = numpyro.sample("kernel_noise", dist.LogNormal(0.0, 10.0))
+    length = numpyro.sample("kernel_length", dist.LogNormal(0.0, 10.0))
+    k = var * jnp.exp(-0.5 * ((X[:, None] - X) / length) ** 2)
+    k = k + (noise + 1e-6) * jnp.eye(X.shape[0])
+    numpyro.sample("Y", dist.MultivariateNormal(jnp.zeros(X.shape[0]), covariance_matrix=k), obs=Y)
+
+
+def _baseball_data() -> dict[str, np.ndarray]:
+    hits = np.asarray(BASEBALL_HITS, np.float32)
+    return {"at_bats": np.full_like(hits, 45.0), "hits": hits}
+
+
+def _horseshoe_data(num_data: int = 100, num_features: int = 32) -> dict[str, np.ndarray]:
+    """The example's ``get_data`` (continuous response, sigma_obs 0.05, legacy seed 0)."""
+    rng = np.random.RandomState(0)
+    x = rng.randn(num_data, num_features)
+    y = x[:, :3] @ np.array([2.0, -1.0, 0.5])
+    y = y - y.mean() + 0.05 * rng.randn(num_data)
+    return {"X": x.astype(np.float32), "Y": y.astype(np.float32)}
+
+
+def _zip_data(num_data: int = 250) -> dict[str, np.ndarray]:
+    """Synthetic stand-in for the example's Stata fish data (not stored offline): columns
+    livebait, camper (binary), persons (1-4), child (0-3), intercept; seed 0."""
+    rng = np.random.RandomState(0)
+    x = np.stack(
+        [
+            rng.binomial(1, 0.86, num_data),
+            rng.binomial(1, 0.59, num_data),
+            rng.randint(1, 5, num_data),
+            rng.randint(0, 4, num_data),
+            np.ones(num_data),
+        ],
+        axis=1,
+    ).astype(np.float64)
+    gate = 1 / (1 + np.exp(-(x @ np.array([-0.5, 0.3, -0.6, 1.0, 0.2]))))
+    rate = np.exp(x @ np.array([0.8, 0.5, 0.6, -1.0, -1.0]))
+    y = np.where(rng.uniform(size=num_data) < gate, 0, rng.poisson(rate))
+    return {"X": x.astype(np.float32), "Y": y.astype(np.float32)}
+
+
+def _gp_data(num_data: int = 25) -> dict[str, np.ndarray]:
+    """The example's ``get_data`` (sigma_obs 0.15, legacy seed 0, standardised Y)."""
+    x = np.linspace(-1, 1, num_data)
+    y = x + 0.2 * x**3 + 0.5 * (0.5 + x) ** 2 * np.sin(4.0 * x)
+    y = y + 0.15 * np.random.RandomState(0).randn(num_data)
+    y = (y - y.mean()) / y.std()
+    return {"X": x.astype(np.float32), "Y": y.astype(np.float32)}
+
+
+NUMPYRO_EXAMPLE_MODELS: dict[str, BenchmarkModel] = {
+    "baseball_logit": BenchmarkModel(
+        baseball_logit, _baseball_data, ("loc", "scale", "alpha"), has_centered_form=True
+    ),
+    "horseshoe_regression": BenchmarkModel(
+        horseshoe_regression,
+        _horseshoe_data,
+        ("lambdas", "tau", "unscaled_betas", "prec_obs"),
+        has_centered_form=True,
+    ),
+    "zero_inflated_poisson": BenchmarkModel(zero_inflated_poisson, _zip_data, ("b1", "b2")),
+    "gp_regression": BenchmarkModel(
+        gp_regression, _gp_data, ("kernel_var", "kernel_noise", "kernel_length")
+    ),
+}
+"""NumPyro's example models (reference: a NUTS run in ``emd_posteriors.py``)."""

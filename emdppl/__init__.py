@@ -12,6 +12,7 @@ Layout, lower layers first (a module imports only from the lines above it):
 - ``base``: ``Algorithm(init, step)``, PRNG keys, pytree helpers.
 - ``timing``: wall and compile seconds (JAX monitoring events).
 - ``sharding``: chains over devices (a ``"chain"`` mesh axis, data replicated).
+- ``distributed``: several processes as one JAX runtime (``jax.distributed``).
 - ``diagnostics``: what Stan checks after a run (R-hat, ESS, divergences, E-BFMI, tree depth,
   step size, non-finite draws), one warning naming the sites and the fix.
 - ``driver``: :func:`run`, any Algorithm in jitted ``lax.scan`` chunks; checkpoints, resume.
@@ -41,7 +42,11 @@ Layout, lower layers first (a module imports only from the lines above it):
 - ``models``, ``demo``, ``cli``: the bundled eight schools, ``emdppl demo``, the command line.
 """
 
-from emdppl import bridge, emd, generators, sharding, teachers
+from emdppl.distributed import initialize_from_environment
+
+initialize_from_environment()  # EMDPPL_COORDINATOR set: join before a JAX backend starts
+
+from emdppl import bridge, distributed, emd, generators, sharding, teachers
 from emdppl.base import Algorithm
 from emdppl.distill_config import DistillConfig
 from emdppl.distillation import EMD, DistillResult, distill
@@ -70,6 +75,7 @@ __all__ = [
     "bridge",
     "check_auxiliary",
     "distill",
+    "distributed",
     "emd",
     "generators",
     "get_sampler",

@@ -11,6 +11,9 @@ r"""What Stan checks after every run, on NumPy arrays with leading ``(chain, dra
 - an adapted step size that collapsed (below ``1e-3``);
 - non-finite draws.
 
+:func:`check_svi_loss` and :func:`check_guide_scales` do the same for a variational fit: a loss
+still falling at the end of the run, and a guide whose sd is far below the posterior's.
+
 :func:`warn` turns the list into one ``RuntimeWarning`` at the caller's line. ESS and
 :math:`\hat R` use :mod:`numpyro.diagnostics` (no ArviZ import).
 """
@@ -26,12 +29,27 @@ from scipy.special import ndtri
 
 from emdppl.base import caller_stacklevel
 
-__all__ = ["check_constrained", "check_mcmc", "rhat_ess", "warn"]
+__all__ = [
+    "check_constrained",
+    "check_guide_scales",
+    "check_mcmc",
+    "check_svi_loss",
+    "loss_drop",
+    "rhat_ess",
+    "warn",
+]
 
 MAX_RHAT = 1.01
 MIN_ESS_PER_CHAIN = 100
 MIN_EBFMI = 0.3
 MIN_STEP_SIZE = 1e-3
+#: SVI loss: the drop between the last two fifths of the run that counts as still decreasing,
+#: in standard errors of the window means and in nats (both must be exceeded: the nats bound
+#: keeps long converged runs, whose standard errors are tiny, silent).
+MAX_LOSS_DROP_Z = 2.0
+MIN_LOSS_DROP = 0.5
+#: Guide sd over the Laplace sd at the guide's mean below which a guide scale has collapsed.
+MIN_SCALE_RATIO = 0.2
 
 
 def _scalars(draws: dict) -> tuple[list[str], np.ndarray]:
@@ -222,6 +240,74 @@ def check_constrained(posterior: dict) -> list[str]:
         f"site(s) {sorted(bad)} are NaN/inf on the constrained scale (share of draws: {shares}): "
         "a transform or deterministic of the model is undefined there (e.g. a singular "
         "covariance, log of a non-positive value). Check those sites' parameters."
+    ]
+
+
+def loss_drop(losses: np.ndarray) -> tuple[float, float]:
+    r"""``(drop, z)``: how much the loss fell between the windows ``[0.6 n, 0.8 n)`` and
+    ``[0.8 n, n)`` of ``losses (n,)``, :math:`\bar L_1 - \bar L_2`, and that drop in standard
+    errors, :math:`z = (\bar L_1 - \bar L_2) / (\hat s \sqrt{1/n_1 + 1/n_2})`, with the
+    per-step noise :math:`\hat s^2 = \overline{(\Delta L)^2} / 2` from successive differences
+    (blind to a slow trend, so a trend does not inflate the noise that judges it)."""
+    losses = np.asarray(losses, float)
+    n = losses.shape[0]
+    first, second = losses[int(0.6 * n) : int(0.8 * n)], losses[int(0.8 * n) :]
+    drop = float(first.mean() - second.mean())
+    noise = np.sqrt(np.mean(np.diff(losses[int(0.6 * n) :]) ** 2) / 2)
+    se = noise * np.sqrt(1 / first.size + 1 / second.size)
+    return drop, drop / se if se > 0 else (np.inf if drop > 0 else 0.0)
+
+
+def check_svi_loss(losses: np.ndarray, what: str = "emdppl.SVI") -> list[str]:
+    """A message when the SVI loss ``losses (num_steps,)`` (-ELBO per step) was still falling at
+    the end of the run (:func:`loss_drop`: more than :data:`MIN_LOSS_DROP` nats and
+    :data:`MAX_LOSS_DROP_Z` standard errors between the last two fifths); runs shorter than 50
+    steps are not judged."""
+    losses = np.asarray(losses, float)
+    if losses.shape[0] < 50 or not np.isfinite(losses).all():
+        return []
+    drop, z = loss_drop(losses)
+    if drop <= MIN_LOSS_DROP or z <= MAX_LOSS_DROP_Z:
+        return []
+    return [
+        f"the loss (-ELBO) was still falling at the end of the run: its mean over the last "
+        f"fifth of the {losses.shape[0]} steps is {drop:.3g} nats below that over the fifth "
+        f"before ({z:.1f} standard errors of the step noise), so the guide has not converged. "
+        f"Raise num_steps ({what}(..., num_steps=...)) or the learning rate "
+        "(optimizer=emdppl.svi.default_optimizer(num_steps, learning_rate=...))."
+    ]
+
+
+def check_guide_scales(ratios: dict, guide: str) -> list[str]:
+    """A message naming the latent coordinates whose guide sd is below :data:`MIN_SCALE_RATIO`
+    of the posterior's Laplace sd at the guide's mean.
+
+    Parameters
+    ----------
+    ratios
+        ``{site: array of the site's shape}``: guide marginal sd over Laplace marginal sd on the
+        unconstrained (auxiliary) latents, NaN where not checked.
+    guide
+        The guide's name (for the advice).
+    """
+    names, values = _scalars({k: np.asarray(v, float)[None, None] for k, v in ratios.items()})
+    values = values[0, 0]
+    bad = values < MIN_SCALE_RATIO
+    if not bad.any():
+        return []
+    richer = (
+        "a richer guide (emdppl.SVI('auto_multivariate_normal') or "
+        "'auto_lowrank_multivariate_normal'), "
+        if guide == "auto_normal"
+        else ""
+    )
+    return [
+        f"the guide's sd collapsed for {int(bad.sum())} of {bad.size} latent coordinates "
+        f"(guide sd / Laplace sd at the guide's mean: {_worst(names, values, bad, False)}; "
+        f"below {MIN_SCALE_RATIO}): the draws understate the posterior's spread there (a "
+        "Gaussian guide squeezed across a ridge, e.g. the local scales of a horseshoe). Use "
+        f"{richer}the auxiliary form (auxiliary=True) if it is off, or MCMC "
+        "(emdppl.MCMC('nuts'))."
     ]
 
 

@@ -20,10 +20,11 @@ import optax
 from emdppl.base import caller_stacklevel
 from emdppl.samplers import get_sampler
 
-__all__ = ["DistillConfig", "METHODS", "NOISE_CANCELLATIONS", "WEIGHTINGS"]
+__all__ = ["DistillConfig", "METHODS", "NOISE_CANCELLATIONS", "WEIGHTINGS", "Z_STEP_RULES"]
 
 METHODS = ("emd", "diff_instruct")
-NOISE_CANCELLATIONS = ("full", "initial", "none")
+NOISE_CANCELLATIONS = ("full", "initial", "none", "residual")
+Z_STEP_RULES = ("sigma2", "jacobian")
 WEIGHTINGS = ("sigma2", "sigma")
 _DIFF_INSTRUCT = {"num_estep_steps": 1, "update_z": False, "noise_cancellation": "full"}
 
@@ -42,18 +43,25 @@ class DistillConfig:
         A registered sampler. Gradient-only ones (``ula``, ``sgld``, ``sghmc``) take scores;
         ``mala``/``hmc`` need ``teacher.log_prob`` and a generator with ``marginal_logdensity``.
     num_estep_steps
-        K, kernel steps per E-step (``None``: 8 for EMD). K = 0 has zero expected gradient
+        K, kernel steps per E-step (``None``: 4 for EMD). K = 0 has zero expected gradient
         (``docs/EMD.md`` §6.3).
     estep_step_size
         :math:`\gamma_\varepsilon`, the sampler's step size.
     noise_cancellation
-        ``"full"`` | ``"initial"`` | ``"none"``; ``None``: ``"none"`` when z moves, else
-        ``"full"``.
+        ``"full"`` | ``"initial"`` | ``"none"`` | ``"residual"`` (the Stein residual
+        :math:`\sigma\Delta(x^K)` in place of :math:`\varepsilon^K`, ``docs/EMD.md`` §4.3; exactly
+        Diff-Instruct's residual over ``estep_step_size`` at K = 0); ``None``: ``"residual"`` when
+        z moves, else ``"full"``. The defaults (K = 4, residual, ``z_step_rule="jacobian"``) were
+        chosen on generated mixtures and checked on held-out ones (``benchmarks/README.md``).
     update_z
         Sample z in the E-step (``None``: ``True`` for EMD); frozen z keeps the generator's draw.
     z_step_scale, max_z_step
         :math:`\gamma_z(\sigma) = \min(c_z\sigma^2, \gamma_{z,max})`, so the z block takes
         smaller steps at low noise, where the E-step target is sharp in z (§3.3).
+    z_step_rule
+        ``"sigma2"`` (the rule above) or ``"jacobian"`` (the default): that step divided per
+        chain by :math:`1 + \|J_g(z^0)\|_F^2`, the z block's stiffness where the generator stretches
+        space between modes (one forward-mode Jacobian per chain and E-step).
     sigma_range
         ``(sigma_min, sigma_max)`` of the log-uniform noise levels of E/M-steps and student DSM;
         ``None``: ``(max(teacher.sigma_min, sigma_data/50), min(teacher.sigma_max,
@@ -80,7 +88,7 @@ class DistillConfig:
     --------
     >>> config = emdppl.DistillConfig(num_steps=500, num_estep_steps=4)
     >>> config.noise_cancellation
-    'none'
+    'residual'
     >>> emdppl.DistillConfig(method="diff_instruct").num_estep_steps
     1
     """
@@ -95,6 +103,7 @@ class DistillConfig:
     update_z: bool | None = None
     z_step_scale: float = 0.2
     max_z_step: float = 0.5
+    z_step_rule: str = "jacobian"
     sigma_range: tuple[float, float] | None = None
     weighting: str = "sigma2"
     optimizer: optax.GradientTransformation | None = None
@@ -134,6 +143,10 @@ class DistillConfig:
             raise ValueError(
                 f"noise_cancellation must be one of {NOISE_CANCELLATIONS}, got "
                 f"{self.noise_cancellation!r}."
+            )
+        if self.z_step_rule not in Z_STEP_RULES:
+            raise ValueError(
+                f"z_step_rule must be one of {Z_STEP_RULES}, got {self.z_step_rule!r}."
             )
         if self.weighting not in WEIGHTINGS:
             raise ValueError(f"weighting must be one of {WEIGHTINGS}, got {self.weighting!r}.")
@@ -212,12 +225,12 @@ def _resolved_estep(config: DistillConfig) -> dict:
                 "method='emd'."
             )
         return dict(_DIFF_INSTRUCT)
-    num_estep_steps = 8 if given["num_estep_steps"] is None else given["num_estep_steps"]
+    num_estep_steps = 4 if given["num_estep_steps"] is None else given["num_estep_steps"]
     update_z = True if given["update_z"] is None else bool(given["update_z"])
     cancellation = given["noise_cancellation"]
     if cancellation is None:
-        cancellation = "none" if update_z else "full"
-    if num_estep_steps == 1 and update_z and cancellation != "none":
+        cancellation = "residual" if update_z else "full"
+    if num_estep_steps == 1 and update_z and cancellation not in ("none", "residual"):
         warnings.warn(
             f"method='emd' with K=1, z sampled and noise_cancellation={cancellation!r}: "
             "cancellation is biased when z moves, and with one step the bias outweighs the "

@@ -26,12 +26,18 @@ from emdppl.base import Algorithm, PRNGKey, as_key, caller_stacklevel
 from emdppl.distill_config import DistillConfig
 from emdppl.driver import checkpoint_exists, run
 from emdppl.estep import run_chain
-from emdppl.teachers import AbstractTeacher, DensityTeacher, DiffusionModel, density_teacher
+from emdppl.teachers import (
+    SMOOTHINGS,
+    AbstractTeacher,
+    DensityTeacher,
+    DiffusionModel,
+    density_teacher,
+)
 
 if TYPE_CHECKING:
     from emdppl.problem import Problem
 
-__all__ = ["EMD", "DistillResult", "distill"]
+__all__ = ["EMD", "DistillResult", "OwnDensityStudent", "distill"]
 
 GENERATORS = ("sinh_arcsinh", "maf", "affine", "mlp")
 
@@ -210,7 +216,9 @@ def _check_stopped(state: emd.EMDState, config: DistillConfig, checkpoint_dir) -
         f"(teacher or student scores, loss or gradients); {int(state.num_skipped)} steps were "
         f"skipped in all. The last finite parameters are kept in the state{where}. Check the "
         f"teacher's score on sigma in [{config.sigma_min:.3g}, {config.sigma_max:.3g}] and lower "
-        "the learning rate or estep_step_size."
+        "the learning rate or estep_step_size. For a posterior (DensityTeacher) with "
+        "smoothing='laplace', the usual cause is sigma_max above sqrt(3) times the posterior's "
+        "smallest scale: use smoothing='none' (emdppl.EMD's default)."
     )
 
 
@@ -261,6 +269,9 @@ def _probe_idata(kernel, teacher, state: emd.EMDState, rng_key: PRNGKey) -> Any:
 # ------------------------------------------------------------------------------------------
 # emdppl.infer(model, EMD(...)): a posterior distilled into a one-step generator.
 
+#: Generator draws per returned draw in :class:`EMD`'s importance resampling.
+IMPORTANCE_POOL = 4
+
 #: The posterior preset of :class:`EMD`. The posterior's noise range is narrow
 #: (sigma in [sigma_max / 10, sigma_max] = [0.05, 0.5]), so the z step is a constant:
 #: ``z_step_scale=200`` makes ``min(200 sigma^2, max_z_step) = max_z_step = 0.05`` there. It only
@@ -268,24 +279,143 @@ def _probe_idata(kernel, teacher, state: emd.EMDState, rng_key: PRNGKey) -> Any:
 POSTERIOR_CONFIG = DistillConfig(
     num_steps=1000,
     batch_size=128,
+    estep_sampler="ula",
     num_estep_steps=8,
+    estep_step_size=0.2,
+    estep_grad_clip=5.0,
+    noise_cancellation="full",
+    weighting="sigma2",
     z_step_scale=200.0,
     max_z_step=0.05,
     update_z=False,
 )
 
 
+@eqx.filter_jit
+def _log_weights(teacher: DensityTeacher, generator: Any, draws: jax.Array) -> jax.Array:
+    """``log p(u) - log q(u)`` (unnormalised) at the generator's draws ``u (n, d)``: ``(n,)``."""
+    return jax.vmap(lambda u: teacher.log_prob(u) - generator.log_prob(u))(draws)
+
+
+def psis(log_weights: Any) -> tuple[np.ndarray, float]:
+    r"""Pareto-smoothed importance sampling (Vehtari et al. 2024) of ``log_weights (n,)``:
+    ``(weights (n,), k_hat)``, the smoothed weights normalised to sum 1 and the shape
+    :math:`\hat k` of the generalised Pareto fit to the largest weights. Non-finite log weights
+    get weight 0 and make :math:`\hat k = \infty`; equal weights give :math:`\hat k = 0`."""
+    import arviz as az
+
+    log_weights = np.asarray(log_weights, np.float64)
+    finite = np.isfinite(log_weights)
+    weights = np.zeros_like(log_weights)
+    if not finite.any():
+        return weights, float("inf")
+    kept = log_weights[finite] - np.max(log_weights[finite])
+    if np.ptp(kept) < 1e-6:  # q = p up to normalisation: no tail to fit
+        smoothed, k = kept, 0.0
+    else:
+        psislw = getattr(az, "psislw", None)
+        if psislw is None:  # ArviZ >= 1
+            from arviz_stats import psislw
+        smoothed, k = psislw(kept)
+    kept_weights = np.exp(np.asarray(smoothed) - np.max(smoothed))
+    weights[finite] = kept_weights / kept_weights.sum()
+    return weights, float(k) if finite.all() else float("inf")
+
+
+def check_fit(log_weights: Any) -> tuple[np.ndarray, float]:
+    r""":func:`psis` of one-step draws with importance log weights ``log p - log q`` (``(n,)``),
+    warning when they do not represent the posterior: :math:`\hat k` above
+    :math:`\min(1 - 1/\log_{10} n, 0.7)`, where importance-sampling (and so variational)
+    estimates become unreliable (Yao et al. 2018; Vehtari et al. 2024)."""
+    n = int(np.asarray(log_weights).shape[0])
+    weights, k = psis(log_weights)
+    threshold = min(1 - 1 / np.log10(max(n, 11)), 0.7)
+    if not k <= threshold:
+        warnings.warn(
+            f"the distilled generator does not represent this posterior: PSIS k-hat "
+            f"{k:.2f} > {threshold:.2f} (importance weights posterior / generator over "
+            f"{n} draws). Means and sds from its draws can be wrong. Raise num_steps, try "
+            "generator='maf', or use MCMC (emdppl.infer(model, 'nuts')).",
+            RuntimeWarning,
+            stacklevel=caller_stacklevel(),
+        )
+    return weights, k
+
+
+class OwnDensityStudent(generators_module.AbstractGenerator):
+    r"""A generator whose student is its own *unsmoothed* density :math:`q_0`, at every sigma.
+
+    Paired with a ``DensityTeacher(smoothing="none")`` (:class:`EMD`'s default): the E-step
+    target :math:`p(x_\sigma)/q_0(x_\sigma)\,N(\varepsilon; 0, I)`, :math:`x_\sigma = g(z) +
+    \sigma\varepsilon`, is then known exactly up to a constant (Metropolis-adjusted kernels
+    apply) and equals :math:`N(0, I)` when :math:`q_0 = p`, so the fixed point is unbiased
+    whatever sigma, with no smoothing approximation and no validity bound on ``sigma_max``.
+
+    Attributes
+    ----------
+    inner
+        A generator with an exact ``log_prob(x (d,))`` (sinh-arcsinh, MAF) or
+        ``marginal_logdensity(x, sigma)`` (affine, evaluated at sigma = 0).
+    """
+
+    inner: generators_module.AbstractGenerator
+    latent_dim: int = eqx.field(static=True)
+    data_dim: int = eqx.field(static=True)
+
+    def __init__(self, inner: generators_module.AbstractGenerator) -> None:
+        if not (hasattr(inner, "log_prob") or hasattr(inner, "marginal_logdensity")):
+            raise ValueError(
+                f"{type(inner).__name__} has no exact density (log_prob or marginal_logdensity); "
+                "use sinh_arcsinh, maf or affine."
+            )
+        self.inner = inner
+        self.latent_dim = inner.latent_dim
+        self.data_dim = inner.data_dim
+
+    def __call__(self, z: jax.Array) -> jax.Array:
+        return self.inner(z)
+
+    def log_prob(self, x: jax.Array) -> jax.Array:
+        r""":math:`\log q_0(x)` for ``x (d,)``; a scalar."""
+        if hasattr(self.inner, "log_prob"):
+            return self.inner.log_prob(x)
+        return self.inner.marginal_logdensity(x, 0.0)
+
+    def marginal_logdensity(self, x: jax.Array, sigma: jax.Array) -> jax.Array:
+        r""":math:`\log q_0(x)` (``sigma`` unused: the student is unsmoothed)."""
+        return self.log_prob(x)
+
+    def marginal_score(self, x: jax.Array, sigma: jax.Array) -> jax.Array:
+        r""":math:`\nabla\log q_0(x)` (``sigma`` unused)."""
+        return jax.grad(self.log_prob)(x)
+
+
 class EMD:
     r"""EM distillation of a model's posterior, for :func:`emdppl.infer`.
 
-    The posterior (unconstrained, auxiliary space) is the teacher
-    (:func:`emdppl.teachers.density_teacher`, Laplace-smoothed score for ``sigma`` in
-    ``[sigma_max / 10, sigma_max]``). The default generator is
-    :func:`emdppl.generators.sinh_arcsinh` (a small flow whose smoothed score is computed, so no
-    student network); ``"maf"`` a masked autoregressive flow, ``"affine"`` a full-rank Gaussian,
-    ``"mlp"`` an MLP with a learned student score. It is distilled with a cosine-decayed Adam
-    learning rate. ``num_samples`` one-step draws are returned as ``num_chains`` chains of
-    ``num_samples // num_chains`` draws.
+    The posterior (unconstrained, auxiliary space, standardised by a Laplace fit) is the
+    teacher (:func:`emdppl.teachers.density_teacher`). The default generator is
+    :func:`emdppl.generators.sinh_arcsinh` (a small flow with an exact density); ``"maf"`` a
+    masked autoregressive flow, ``"affine"`` a full-rank Gaussian, ``"mlp"`` an MLP with a
+    learned student score. It is distilled with a cosine-decayed Adam learning rate.
+
+    **Exact densities, no smoothing** (``smoothing="none"``, the default for every generator
+    but ``"mlp"``): teacher and student are the posterior's and the generator's own log
+    densities at every noise level (:class:`OwnDensityStudent`), so the E-step target is known
+    exactly, is :math:`N(0, I)` when the generator equals the posterior (the fixed point is
+    unbiased at every sigma), and costs one posterior gradient per E-step step. The Laplace-
+    smoothed score (``smoothing="laplace"``) diverges once
+    :math:`\sigma^2\lambda_{max}(-\nabla^2\log p) > 3` anywhere the chains go.
+
+    **Checked and importance-resampled draws.** ``IMPORTANCE_POOL * num_samples`` one-step
+    draws are weighted by :math:`p/q` (known up to a constant); PSIS :math:`\hat k`
+    (:func:`check_fit`) warns when the generator does not represent the posterior, and
+    ``num_samples`` draws are resampled with the smoothed weights (unless
+    ``importance_resampling=False`` or :math:`\hat k > 1`, when the raw draws are returned with
+    their ``sample_stats.log_weight``). The returned draws are then consistent for the
+    posterior whenever :math:`\hat k` is small, whatever the generator's bias; they are
+    ``num_chains`` chains of ``num_samples // num_chains`` draws (resampled draws repeat; the
+    importance ESS is in ``posterior.attrs["importance_ess"]``).
 
     **z frozen by default.** ``update_z=False`` (with full noise cancellation) runs the E-step on
     :math:`\varepsilon` only: the K-step generalisation of Diff-Instruct (injected noise
@@ -304,6 +434,11 @@ class EMD:
         Largest noise level of the posterior teacher.
     generator
         One of ``"sinh_arcsinh"``, ``"maf"``, ``"affine"``, ``"mlp"``.
+    smoothing
+        ``"none"`` (exact densities, above) or ``"laplace"``; ``None``: ``"none"`` except for
+        ``"mlp"``.
+    importance_resampling
+        Resample the draws with PSIS weights (above).
     config, **options
         A :class:`~emdppl.distill_config.DistillConfig` (default :data:`POSTERIOR_CONFIG`) and
         field overrides (``num_steps=``, ``update_z=``, ...).
@@ -321,11 +456,22 @@ class EMD:
         learning_rate: float = 0.02,
         sigma_max: float = 0.5,
         generator: str = "sinh_arcsinh",
+        smoothing: str | None = None,
+        importance_resampling: bool = True,
         config: DistillConfig | None = None,
         **options: Any,
     ) -> None:
         if generator not in GENERATORS:
             raise ValueError(f"generator must be one of {GENERATORS}, got {generator!r}.")
+        if smoothing is None:
+            smoothing = "laplace" if generator == "mlp" else "none"
+        if smoothing not in SMOOTHINGS or (generator == "mlp" and smoothing == "none"):
+            raise ValueError(
+                f"smoothing must be one of {SMOOTHINGS} ('laplace' for generator='mlp', which has "
+                f"no density of its own), got {smoothing!r}."
+            )
+        self.smoothing = smoothing
+        self.importance_resampling = bool(importance_resampling)
         if num_chains < 1 or num_samples < num_chains or num_samples % num_chains:
             raise ValueError(
                 f"num_samples={num_samples} must be a positive multiple of "
@@ -357,6 +503,27 @@ class EMD:
             return generators_module.mlp(data_dim, key=key)
         return getattr(generators_module, self.generator)(data_dim)
 
+    def _draws(self, teacher: DensityTeacher, generator: Any, rng_key: PRNGKey):
+        """``(draws (num_samples, d), attrs, sample_stats)``: one-step draws, importance-
+        resampled (see the class docstring) when ``importance_resampling`` and the fit check
+        passes; ``sample_stats`` holds their ``log_weight`` when they are not resampled."""
+        if self.smoothing != "none":
+            return _sample(generator, rng_key, self.num_samples), {}, None
+        k_pool, k_resample = jax.random.split(rng_key)
+        pool_size = self.num_samples * (IMPORTANCE_POOL if self.importance_resampling else 1)
+        pool = _sample(generator, k_pool, pool_size)
+        log_weights = np.asarray(_log_weights(teacher, generator, pool))
+        weights, k = check_fit(log_weights)
+        attrs = {"pareto_k": k, "importance_ess": float(1 / np.sum(weights**2))}
+        if not (self.importance_resampling and k <= 1.0):
+            kept = log_weights[: self.num_samples].reshape(self.num_chains, -1)
+            return pool[: self.num_samples], {**attrs, "importance_resampled": 0}, {
+                "log_weight": kept
+            }
+        p = jnp.asarray(weights)
+        index = jax.random.choice(k_resample, pool_size, (self.num_samples,), p=p)
+        return pool[index], {**attrs, "importance_resampled": 1}, None
+
     def infer(self, problem: Problem, *, rng_key: int | PRNGKey = 0, progress_bar: bool = True):
         """Distil ``problem``'s posterior into a one-step generator and sample it.
 
@@ -369,16 +536,19 @@ class EMD:
 
         k_target, k_distill, k_sample = jax.random.split(as_key(rng_key), 3)
         target = problem.target(1, k_target)
-        teacher = density_teacher(target, sigma_max=self.sigma_max)
+        teacher = density_teacher(target, sigma_max=self.sigma_max, smoothing=self.smoothing)
         config = self.config
         if not self._has_optimizer:
             schedule = optax.cosine_decay_schedule(self.learning_rate, config.num_steps, alpha=0.01)
             config = dataclasses.replace(config, optimizer=optax.adam(schedule))
         generator = self._generator(teacher.data_dim, jax.random.fold_in(k_distill, 1))
+        if self.smoothing == "none":
+            generator = OwnDensityStudent(generator)
         result = distill(
             teacher, generator, config=config, rng_key=k_distill, progress_bar=progress_bar
         )
-        positions = jax.vmap(teacher.position)(result.sample(k_sample, self.num_samples))
+        draws, importance, sample_stats = self._draws(teacher, result.generator, k_sample)
+        positions = jax.vmap(teacher.position)(draws)
         positions = jax.tree.map(lambda x: x.reshape(self.num_chains, -1, *x.shape[1:]), positions)
         posterior = {k: np.asarray(v) for k, v in target.postprocess(positions).items()}
         attrs = {
@@ -391,8 +561,9 @@ class EMD:
             "num_skipped_steps": int(result.state.num_skipped),
             "auxiliary": int(problem.is_auxiliary),
         }
+        attrs.update(importance)
         estep = result.estep_idata.posterior if result.estep_idata is not None else None
         groups = {}
         if estep is not None:
             groups["estep_posterior"] = {name: np.asarray(estep[name].values) for name in estep}
-        return to_arviz(posterior, None, attrs, **groups)
+        return to_arviz(posterior, sample_stats, attrs, **groups)

@@ -28,6 +28,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from emdppl.base import Algorithm, PRNGKey, PyTree, as_key
+from emdppl.sharding import place, to_host
 
 __all__ = ["checkpoint_exists", "load_state", "run"]
 
@@ -123,6 +124,11 @@ def run(
         raise ValueError(
             f"num_steps={num_steps} must be >= 0 and a multiple of thinning={thinning} (>= 1)."
         )
+    if checkpoint_dir is not None and jax.process_count() > 1:
+        raise ValueError(
+            "checkpoint_dir with several processes (jax.distributed) is not supported yet: run "
+            "without checkpoints, or in one process (several devices are fine)."
+        )
     rng_key = as_key(rng_key)
     num_records = num_steps // thinning
     if num_records == 0:
@@ -150,19 +156,24 @@ def run(
                 algorithm, state, rng_key, jnp.asarray(done * thinning), n, thinning
             )
             if directory is None:  # start the copy to the host now, collect it at the end
-                jax.tree.map(lambda x: x.copy_to_host_async(), infos)
+                jax.tree.map(_copy_to_host_async, infos)
                 chunks.append(infos)
             else:
-                chunks.append(jax.device_get(infos))
+                chunks.append(jax.tree.map(to_host, infos))
             done += n
             bar.update(n * thinning)
             if directory is not None:
                 _save_checkpoint(directory, meta, done, state, chunks[-1], len(chunks) - 1)
     finally:
         bar.close()
-    chunks = jax.device_get(chunks)
+    chunks = jax.tree.map(to_host, chunks)
     trace = jax.tree.map(lambda *xs: np.concatenate(xs, axis=0), *chunks)
     return state, trace
+
+
+def _copy_to_host_async(x: jax.Array) -> None:
+    if x.is_fully_addressable:  # arrays over several processes are gathered at the end
+        x.copy_to_host_async()
 
 
 def _fingerprint(
@@ -196,21 +207,21 @@ def _address_free(text: str) -> str:
 
 def _host(leaf: Any) -> np.ndarray:
     """A leaf as a NumPy array (typed PRNG keys as their raw key data)."""
-    if jax.dtypes.issubdtype(jnp.result_type(leaf), jax.dtypes.prng_key):
-        return np.asarray(jax.random.key_data(leaf))
-    return np.asarray(leaf)
+    return np.asarray(to_host(leaf))
 
 
 def _write_arrays(path: Path, tree: PyTree) -> None:
     """The leaves of ``tree`` as ``leaf_<i>`` in an ``.npz`` (no pickle), written atomically."""
+    arrays = {f"leaf_{i}": _host(x) for i, x in enumerate(jax.tree.leaves(tree))}
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "wb") as f:
-        np.savez(f, **{f"leaf_{i}": _host(x) for i, x in enumerate(jax.tree.leaves(tree))})
+        np.savez(f, **arrays)
     os.replace(tmp, path)
 
 
 def _read_arrays(path: Path, like: PyTree, as_jax: bool) -> PyTree:
-    """The tree written by :func:`_write_arrays`, with the structure and dtypes of ``like``."""
+    """The tree written by :func:`_write_arrays`, with the structure and dtypes of ``like``
+    (and, ``as_jax``, its shardings: chains split over devices stay split)."""
     leaves, treedef = jax.tree.flatten(like)
     try:
         with np.load(path, allow_pickle=False) as data:
@@ -223,11 +234,12 @@ def _read_arrays(path: Path, like: PyTree, as_jax: bool) -> PyTree:
     out = []
     for ref, x in zip(leaves, stored, strict=True):
         if jax.dtypes.issubdtype(jnp.result_type(ref), jax.dtypes.prng_key):
-            out.append(jax.random.wrap_key_data(jnp.asarray(x)))
+            x = jax.random.wrap_key_data(jnp.asarray(x))
         elif as_jax:
-            out.append(jnp.asarray(x, dtype=jnp.result_type(ref)))
-        else:
-            out.append(x)
+            x = np.asarray(x, dtype=jnp.result_type(ref))
+        if as_jax and isinstance(ref, jax.Array):
+            x = place(x, ref.sharding)
+        out.append(x)
     return jax.tree.unflatten(treedef, out)
 
 
@@ -239,7 +251,7 @@ def _save_checkpoint(
     once: the cost is linear in the length of the run."""
     directory.mkdir(parents=True, exist_ok=True)
     _write_arrays(directory / f"chunk_{index:05d}.npz", chunk)
-    _write_arrays(directory / "state.npz", jax.device_get(state))
+    _write_arrays(directory / "state.npz", state)
     meta = {**meta, "done": done, "num_chunks": index + 1}
     tmp = directory / (_CHECKPOINT + ".tmp")
     tmp.write_text(json.dumps(meta))

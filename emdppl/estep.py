@@ -22,6 +22,14 @@ same random numbers on the :math:`\Delta \equiv 0` target :math:`N(0, I)`; for L
 kernels it is exactly the injected-noise part :math:`\eta^K`, and :math:`\tilde\varepsilon =
 \varepsilon^K - \eta^K = \sum_k \gamma(1-\gamma)^{K-1-k}\sigma\Delta^k` for ULA. ``"initial"``
 subtracts only :math:`\varepsilon^0`; ``"none"`` keeps :math:`\varepsilon^K`.
+``"residual"`` (§4.3) replaces :math:`\varepsilon^K` by its Stein twin
+:math:`\tilde\varepsilon = \sigma\Delta(x^K)`, :math:`x^K = g(z^K) + \sigma\varepsilon^K`: at
+stationarity :math:`E[\varepsilon \mid z] = \sigma E[\Delta \mid z]`, so it has the same
+conditional mean with no injected noise, and at K = 0 it is the Diff-Instruct residual.
+
+``z_step_rule="jacobian"`` divides :math:`\gamma_z` of each chain by
+:math:`1 + \|J_g(z^0)\|_F^2`: the z block's curvature is about :math:`\|J_g\|^2` times that of
+the x block, largest where the generator stretches space between modes.
 
 Shapes: one chain has ``eps (d,)`` and ``z (latent_dim,)``; :func:`estep` maps over a batch
 ``sigma (B,)``, ``eps0 (B, d)``, ``z0 (B, latent_dim)``.
@@ -48,6 +56,8 @@ __all__ = [
     "estep",
     "run_chain",
     "sampler_parameters",
+    "score_difference",
+    "z_step",
 ]
 
 
@@ -116,13 +126,30 @@ def sampler_parameters(config: DistillConfig, data_dim: int, latent_dim: int) ->
     return sampler.parameters(position, sampler.options(step_size=config.estep_step_size))
 
 
+def score_difference(target: EStepTarget, x: jax.Array, sigma: jax.Array) -> jax.Array:
+    r""":math:`\Delta(x) = s_{teacher}(x, \sigma) - s_{student}(x, \sigma)`, ``x (d,) -> (d,)``."""
+    return target.teacher.score(x, sigma) - target.student_score_fn(x, sigma)
+
+
+def z_step(config: DistillConfig, generate_fn: Callable, sigma: jax.Array, z0: jax.Array):
+    r"""The z block's step of one chain, a scalar: :math:`\gamma_z = \min(c_z\sigma^2,
+    \gamma_{z,max})`, divided by :math:`1 + \|J_g(z^0)\|_F^2` for ``z_step_rule="jacobian"``
+    (``z0 (latent_dim,)``; the step is fixed along the chain, so the change of variables
+    :math:`u = z / r` keeps a constant Jacobian)."""
+    gamma_z = jnp.minimum(config.z_step_scale * sigma**2, config.max_z_step)
+    if config.z_step_rule == "jacobian" and config.update_z:
+        jacobian = jax.jacfwd(generate_fn)(z0)
+        gamma_z = gamma_z / (1.0 + jnp.sum(jacobian**2))
+    return gamma_z
+
+
 def _chain_fns(
     config: DistillConfig, target: EStepTarget, sigma, z0, needs_logdensity: bool, step_size
 ):
     """``(target_fn, shadow_fn, to_z, r)`` of one chain at noise level ``sigma``: the E-step's
     log density (Metropolis kernels) or its gradient (gradient-only kernels), the same for the
     :math:`\\Delta \\equiv 0` shadow target, the map from the sampler's position to z, and r."""
-    gamma_z = jnp.minimum(config.z_step_scale * sigma**2, config.max_z_step)
+    gamma_z = z_step(config, target.generate_fn, sigma, z0)
     r = jnp.sqrt(gamma_z / step_size)
 
     def to_z(position):
@@ -152,8 +179,7 @@ def _chain_fns(
 
     def grad_fn(position):
         g, vjp = jax.vjp(target.generate_fn, to_z(position))
-        x = g + sigma * position["eps"]
-        delta = target.teacher.score(x, sigma) - target.student_score_fn(x, sigma)
+        delta = score_difference(target, g + sigma * position["eps"], sigma)
         grads = prior_grad(position)
         grads["eps"] = grads["eps"] + sigma * delta
         if config.update_z:
@@ -209,11 +235,14 @@ def run_chain(
         body, (state, shadow), jax.random.split(chain_key, num_steps)
     )
     acceptance = trace[1] if record else trace
-    eps = state.position["eps"]
+    eps, z = state.position["eps"], to_z(state.position)
     eps_tilde = {
         "full": lambda: eps - shadow.position["eps"],
         "initial": lambda: eps - eps0,
         "none": lambda: eps,
+        "residual": lambda: sigma * score_difference(
+            target, target.generate_fn(z) + sigma * eps, sigma
+        ),
     }[config.noise_cancellation]()
     stale = (
         jnp.abs(state.logdensity - target_fn(state.position))
@@ -222,7 +251,7 @@ def run_chain(
     )
     result = EStepResult(
         eps=eps,
-        z=to_z(state.position),
+        z=z,
         eps_tilde=eps_tilde,
         eps0=eps0,
         z0=z0,

@@ -287,9 +287,10 @@ def affine(data_dim: int, *, loc: Any = None, scale: Any = 1.0) -> AffineGenerat
 
 
 class TeacherGenerator(AbstractGenerator):
-    r"""``g(z) = D_copy(c z, sigma_init) + r(z)``: a trainable copy of the teacher's denoiser fed
-    the latent as its noisy input at level ``sigma_init`` (``c`` matches the scale of
-    :math:`x_{\sigma_{init}}`), plus a residual MLP ``r`` initialised to zero."""
+    r"""``g(z) = D_copy(c z_{:d}, sigma_init) + r(z)``: a trainable copy of the teacher's denoiser
+    fed the first ``d`` latent coordinates as its noisy input at level ``sigma_init`` (``c``
+    matches the scale of :math:`x_{\sigma_{init}}`), plus a residual MLP ``r`` of the whole latent
+    ``z (latent_dim,)``, ``latent_dim >= d``, initialised to zero."""
 
     teacher: AbstractTeacher
     residual: eqx.nn.MLP
@@ -299,7 +300,7 @@ class TeacherGenerator(AbstractGenerator):
     data_dim: int = eqx.field(static=True)
 
     def __call__(self, z: jax.Array) -> jax.Array:
-        x_in = self.input_scale * z
+        x_in = self.input_scale * z[: self.data_dim]
         return self.teacher.denoise(x_in, jnp.asarray(self.sigma_init)) + self.residual(z)
 
 
@@ -311,6 +312,7 @@ def from_teacher(
     input_scale: float | None = None,
     width: int = 128,
     depth: int = 2,
+    latent_dim: int | None = None,
 ) -> TeacherGenerator:
     r"""Initialise a generator from the teacher (EMD paper, §1.2 of ``docs/EMD.md``).
 
@@ -328,6 +330,10 @@ def from_teacher(
         :math:`x_{\sigma^*}`.
     width, depth
         Residual MLP size; its last layer starts at zero, so ``g = D(c z, sigma_init)`` at init.
+    latent_dim
+        Dimension of ``z`` (default the data's ``d``). Wider latents (``latent_dim > d``) feed the
+        extra coordinates to the residual MLP only: the generator starts as with ``d``, and can
+        use them to cut space between modes without stretching it.
 
     Examples
     --------
@@ -337,7 +343,11 @@ def from_teacher(
     if not sigma_init > 0:
         raise ValueError(f"sigma_init must be > 0, got {sigma_init}.")
     d = teacher.data_dim
-    residual = eqx.nn.MLP(d, d, width, depth, activation=jax.nn.silu, key=as_key(key))
+    latent_dim = d if latent_dim is None else latent_dim
+    _check_dims(d, latent_dim)
+    if latent_dim < d:
+        raise ValueError(f"latent_dim must be >= the data dimension {d}, got {latent_dim}.")
+    residual = eqx.nn.MLP(latent_dim, d, width, depth, activation=jax.nn.silu, key=as_key(key))
     last = residual.layers[-1]
     residual = eqx.tree_at(
         lambda m: (m.layers[-1].weight, m.layers[-1].bias),
@@ -347,7 +357,7 @@ def from_teacher(
     if input_scale is None:
         input_scale = (teacher.sigma_data**2 + sigma_init**2) ** 0.5
     input_scale = float(input_scale)
-    return TeacherGenerator(teacher, residual, sigma_init, input_scale, d, d)
+    return TeacherGenerator(teacher, residual, sigma_init, input_scale, latent_dim, d)
 
 
 def partition(generator: AbstractGenerator) -> tuple[PyTree, PyTree]:

@@ -31,6 +31,7 @@ def infer(
     *,
     model_args: tuple = (),
     model_kwargs: dict | None = None,
+    static: str | Sequence[str] = (),
     rng_key: int | PRNGKey = 0,
     auxiliary: bool = True,
     progress_bar: bool = True,
@@ -54,8 +55,14 @@ def infer(
         :class:`~emdppl.SVI` or :class:`~emdppl.EMD`, or any object with an
         ``infer(problem, *, rng_key, progress_bar)`` method taking a :class:`Problem`.
     model_args, model_kwargs
-        Arguments of the model; arrays among them are traced, so a second call on new data of
-        the same shapes reuses the compiled code.
+        Arguments of the model; arrays (and lists of numbers, turned into arrays) among them
+        are traced, so a second call on new data of the same shapes reuses the compiled code.
+    static
+        Names of the arguments a NumPyro model uses as Python values (``len(np.unique(dept))``,
+        ``int(np.max(y))``): compile-time constants, reaching the model as given (NumPyro's
+        ``jit_model_args=False`` for those), an equal data set reusing the compiled code. Left
+        empty, a model that needs concrete data runs with all its array arguments static and a
+        warning that names them.
     rng_key
         An int seed or a JAX key.
     auxiliary
@@ -86,12 +93,14 @@ def infer(
         ``(chain, draw, ...)`` named after plates (``theta: (chain, draw, J)``, other axes
         ``<name>_dim_<i>``); ``unconstrained_posterior``: the auxiliary form's own sites
         (``theta_decentered``, ...); ``log_likelihood``: pointwise, one variable per observed
-        site, ``(chain, draw, *obs_batch_dims)``; ``observed_data``; ``constant_data`` (array
-        arguments that are not observations); ``sample_stats`` where the algorithm has them
-        (MCMC: ``lp``, ``acceptance_rate``, ``diverging``, ``step_size``, ``n_steps``,
-        ``energy`` where the kernel has them, and ``n_grad_evals``); the algorithm's own groups
-        (``svi_trace``, ``estep_posterior``); the groups asked for above. SVI and EMD split their
-        independent draws into ``num_chains`` chains. ``attrs``: ``created_at``,
+        site, ``(chain, draw, *obs_batch_dims)`` (left out, with a warning, when discrete sites
+        are enumerated: those are summed out and not in the posterior); ``observed_data``;
+        ``constant_data`` (array arguments that are not observations); ``sample_stats`` where
+        the algorithm has them (MCMC: ``lp``, ``acceptance_rate``, ``diverging``,
+        ``step_size``, ``n_steps``, ``energy`` where the kernel has them, and
+        ``n_grad_evals``); the algorithm's own groups (``svi_trace``, ``estep_posterior``);
+        the groups asked for above. SVI and EMD split their independent draws into
+        ``num_chains`` chains. ``attrs``: ``created_at``,
         ``inference_library="emdppl"``, ``inference_library_version``, ``algorithm``,
         ``backend``, tuned parameters, timings, versions. A :class:`~emdppl.Target` has no
         model: its posterior is what its ``postprocess_fn`` returns, with ``sample_stats``.
@@ -119,6 +128,7 @@ def infer(
         model_kwargs=model_kwargs,
         auxiliary=auxiliary,
         backend=backend,
+        static=static,
     )
     if problem.backend == "target" and (posterior_predictive or prior):
         raise ValueError(
@@ -165,6 +175,5 @@ def _check_output_options(num_prior_draws: Any, dims: Any, coords: Any) -> None:
             )
     if coords is not None and not isinstance(coords, Mapping):
         raise TypeError(
-            f"coords must map dim names to values, e.g. coords={{'school': names}}, got "
-            f"{coords!r}."
+            f"coords must map dim names to values, e.g. coords={{'school': names}}, got {coords!r}."
         )

@@ -26,7 +26,7 @@ from emdppl.driver import run
 from emdppl.inference_data import to_arviz
 from emdppl.initialization import optimize_positions
 from emdppl.samplers import INIT_STRATEGIES, Sampler, get_sampler
-from emdppl.sharding import Devices, chain_mesh, describe, replicate, shard_chains
+from emdppl.sharding import Devices, chain_mesh, describe, replicate, shard_chains, to_host
 from emdppl.target import Target
 from emdppl.timing import stopwatch
 
@@ -336,8 +336,9 @@ class MCMC:
         to_chain_major = lambda x: np.swapaxes(x, 0, 1)  # (draw, chain, ...) -> (chain, draw, ...)
         positions = jax.tree.map(to_chain_major, positions)
         stats = {k: to_chain_major(v) for k, v in stats.items()}
-        if "step_size" in state.parameters:
-            step_size = np.asarray(state.parameters["step_size"])
+        parameters = jax.tree.map(to_host, state.parameters)
+        if "step_size" in parameters:
+            step_size = parameters["step_size"]
             stats["step_size"] = np.broadcast_to(
                 step_size[:, None], (target.num_chains, self.num_samples)
             )
@@ -352,7 +353,7 @@ class MCMC:
         return MCMCResult(
             positions,
             stats,
-            jax.device_get(state.parameters),
+            parameters,
             state,
             {"warmup_seconds": warmup_seconds, "sampling_seconds": sampling_seconds},
             problems,

@@ -32,6 +32,7 @@ from numpyro.primitives import Messenger
 
 from emdppl.base import PRNGKey
 from emdppl.reparam import auxiliary as make_auxiliary
+from emdppl.target import is_enumerated
 
 __all__ = [
     "ModelData",
@@ -57,6 +58,9 @@ class ModelData(NamedTuple):
         ``numpyro.deterministic`` (``pyro.deterministic``) sites.
     observed
         ``{site: array (*obs_shape)}``, the observations (``numpyro.factor`` sites excluded).
+    enumerated
+        Discrete latent sites marked ``infer={"enumerate": "parallel"}``: summed out of the
+        log density, so not in ``latent`` (nor in the posterior).
     dims
         ``{site: Dims}`` for the sites of the model as written and of its auxiliary form (the
         former win): axis names from plates and ``infer={"event_dims": [...]}``.
@@ -66,6 +70,7 @@ class ModelData(NamedTuple):
     deterministic: tuple[str, ...]
     observed: dict[str, Any]
     dims: dict[str, Dims]
+    enumerated: tuple[str, ...] = ()
 
 
 def plate_dims(
@@ -131,11 +136,17 @@ def model_data(
         sampled = _trace(make_auxiliary(model), model_args, model_kwargs) if auxiliary else {}
     named = ("sample", "deterministic")
     dims = {k: _site_dims(s) for k, s in {**sampled, **trace}.items() if s["type"] in named}
+    enumerated = tuple(k for k, s in trace.items() if is_enumerated(s))
     return ModelData(
-        latent=tuple(k for k, s in trace.items() if s["type"] == "sample" and not s["is_observed"]),
+        latent=tuple(
+            k
+            for k, s in trace.items()
+            if s["type"] == "sample" and not s["is_observed"] and k not in enumerated
+        ),
         deterministic=tuple(k for k, s in trace.items() if s["type"] == "deterministic"),
         observed={k: s["value"] for k, s in trace.items() if _is_observed(s)},
         dims=dims,
+        enumerated=enumerated,
     )
 
 

@@ -13,16 +13,17 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
-from collections.abc import Callable
+import warnings
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
 import numpy as np
 
 from emdppl import predictive
-from emdppl.base import PRNGKey, as_key
+from emdppl.base import PRNGKey, as_key, caller_stacklevel
 from emdppl.predictive import ModelData
-from emdppl.target import Target, check_model_arguments
+from emdppl.target import StaticArguments, Target, check_model_arguments, numpyro_inputs
 
 __all__ = ["BACKENDS", "Problem"]
 
@@ -55,7 +56,9 @@ class Problem:
         ``"target"``).
     model_args, model_kwargs
         The model's arguments; arrays among them are traced, so a second call on new data of
-        the same shapes reuses the compiled code.
+        the same shapes reuses the compiled code. For a NumPyro model, the arguments it uses as
+        Python values are bound into ``model`` (a :class:`~emdppl.target.StaticArguments`) by
+        :meth:`of`, and lists of numbers are arrays.
     auxiliary
         Run on the auxiliary (non-centered) form: :func:`emdppl.auxiliary` for NumPyro, Pyro's
         reparam handlers for Pyro; ignored for a Target.
@@ -83,9 +86,16 @@ class Problem:
         model_kwargs: dict | None = None,
         auxiliary: bool = True,
         backend: str | None = None,
+        static: str | Sequence[str] = (),
     ) -> Problem:
         """Check the arguments and recognise the backend (``backend=None``): a Target, a Pyro
-        model (its code refers to ``pyro``, :func:`emdppl.bridge.is_pyro_model`) or NumPyro."""
+        model (its code refers to ``pyro``, :func:`emdppl.bridge.is_pyro_model`) or NumPyro.
+
+        ``static`` names the arguments a NumPyro model uses as Python values, bound as
+        compile-time constants (:func:`emdppl.target.numpyro_inputs`, which also makes them
+        static, with a warning, when the model needs them and ``static`` is empty). A Pyro
+        model runs eagerly and sees every argument as it is: ``static`` changes nothing there.
+        """
         if model_kwargs is not None and not isinstance(model_kwargs, dict):
             raise TypeError(f"model_kwargs must be a dict, got {type(model_kwargs).__name__}.")
         if not isinstance(model_args, tuple):
@@ -102,7 +112,16 @@ class Problem:
         elif backend is None:
             backend = "pyro" if _is_pyro(model) else "numpyro"
         model_kwargs = dict(model_kwargs or {})
-        if backend != "target":
+        if backend == "target" and static:
+            raise ValueError(
+                f"static={static!r} names model arguments; a Target has none (its data are "
+                "closed over by its logdensity_fn already)."
+            )
+        if backend == "numpyro":
+            model, model_args, model_kwargs = numpyro_inputs(
+                model, model_args, model_kwargs, static
+            )
+        elif backend == "pyro":
             check_model_arguments(model, model_args, model_kwargs)
         return cls(model, model_args, model_kwargs, bool(auxiliary), backend)
 
@@ -172,6 +191,8 @@ class Problem:
         except (TypeError, ValueError):
             arguments = {f"arg_{i}": v for i, v in enumerate(self.model_args)}
             arguments.update(self.model_kwargs)
+        if isinstance(self.model, StaticArguments):
+            arguments.update(self.model.static)
         observations = [np.asarray(v) for v in observed.values()]
         out = {}
         for name, value in arguments.items():
@@ -198,6 +219,16 @@ class Problem:
             ``{observed site: array (chain, draw, *batch_shape)}``.
         """
         self._model_only("log_likelihood")
+        enumerated = self.model_data().enumerated if self.backend == "numpyro" else ()
+        if enumerated:
+            warnings.warn(
+                f"no log_likelihood group: the discrete site(s) {list(enumerated)} are summed out "
+                "(enumerated), and the pointwise log likelihood of the marginal model is not "
+                "computed (a prior draw of them would give a wrong one).",
+                UserWarning,
+                stacklevel=caller_stacklevel(),
+            )
+            return {}
         if self.backend == "pyro":
             from emdppl.bridge.pyro_predictive import pyro_log_likelihood
 

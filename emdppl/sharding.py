@@ -21,7 +21,15 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from emdppl.base import PyTree
 
-__all__ = ["CHAIN_AXIS", "chain_mesh", "describe", "replicate", "shard_chains"]
+__all__ = [
+    "CHAIN_AXIS",
+    "chain_mesh",
+    "describe",
+    "place",
+    "replicate",
+    "shard_chains",
+    "to_host",
+]
 
 CHAIN_AXIS = "chain"
 
@@ -84,7 +92,7 @@ def shard_chains(tree: PyTree, mesh: Mesh | None) -> PyTree:
     if mesh is None:
         return tree
     sharding = NamedSharding(mesh, PartitionSpec(mesh.axis_names[0]))
-    return jax.tree.map(lambda x: jax.device_put(x, sharding) if eqx.is_array(x) else x, tree)
+    return jax.tree.map(lambda x: place(x, sharding) if eqx.is_array(x) else x, tree)
 
 
 def replicate(tree: PyTree, mesh: Mesh | None) -> PyTree:
@@ -93,7 +101,36 @@ def replicate(tree: PyTree, mesh: Mesh | None) -> PyTree:
     if mesh is None:
         return tree
     sharding = NamedSharding(mesh, PartitionSpec())
-    return jax.tree.map(lambda x: jax.device_put(x, sharding) if eqx.is_array(x) else x, tree)
+    return jax.tree.map(lambda x: place(x, sharding) if eqx.is_array(x) else x, tree)
+
+
+def place(x: Any, sharding: jax.sharding.Sharding) -> jax.Array:
+    """``x`` (the same value on every process) laid out by ``sharding``: ``device_put`` within
+    one process; across processes each one builds its own shards from its copy (no check that
+    the copies agree, no transfer)."""
+    if sharding.is_fully_addressable:
+        return jax.device_put(x, sharding)
+    if isinstance(x, jax.Array) and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+        return jax.random.wrap_key_data(place(jax.random.key_data(x), sharding))
+    host = to_host(x)
+    return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
+
+
+def to_host(x: Any) -> Any:
+    """A leaf as a NumPy array, gathered from every process when it spans several (a call every
+    process must make: it is a collective); typed PRNG keys as their raw key data; other
+    leaves as they are."""
+    if not isinstance(x, jax.Array):
+        return np.asarray(x) if isinstance(x, np.ndarray | np.generic) else x
+    if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+        x = jax.random.key_data(x)
+    if x.is_fully_addressable:
+        return np.asarray(x)
+    if x.is_fully_replicated:
+        return np.asarray(x.addressable_data(0))
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 
 def describe(mesh: Mesh | None) -> list[str]:

@@ -15,6 +15,9 @@ guide fits hierarchical posteriors far better than on the centered scale.
 checkpoints of the optimiser state. :class:`SVI` holds the settings: :meth:`SVI.fit` returns an
 :class:`SVIResult` (fitted parameters, guide, ELBO trace), :meth:`SVI.infer` the ArviZ data that
 :func:`emdppl.infer` returns.
+Every fit is checked (a loss still falling at the end, a Gaussian guide's sd collapsed below the
+posterior's Laplace sd at the guide's mean: :mod:`emdppl.diagnostics`), with one warning that is
+also kept in ``SVIResult.warnings`` and ``attrs["warnings"]``.
 
 Amortised inference (AEVB) uses the same machinery: register an equinox encoder in the guide and
 a decoder in the model with ``numpyro.contrib.module.eqx_module`` and subsample the data plate::
@@ -41,6 +44,8 @@ the minibatch log likelihood by ``N / 100`` (the minibatch estimator of AEVB). S
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import math
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, NamedTuple
@@ -51,19 +56,23 @@ import jax.numpy as jnp
 import numpy as np
 import numpyro
 import optax
+from jax.flatten_util import ravel_pytree
 from numpyro import handlers
 from numpyro.infer import SVI as NumPyroSVI
 from numpyro.infer import RenyiELBO, Trace_ELBO, TraceMeanField_ELBO
 from numpyro.infer.autoguide import (
     AutoDelta,
+    AutoGuide,
     AutoLowRankMultivariateNormal,
     AutoMultivariateNormal,
     AutoNormal,
 )
 from numpyro.infer.svi import SVIState as NumPyroSVIState
+from numpyro.infer.util import potential_energy
 from numpyro.optim import optax_to_numpyro
 
 from emdppl.base import Algorithm, PRNGKey, PyTree, as_key, tree_all_finite
+from emdppl.diagnostics import check_guide_scales, check_svi_loss, warn
 from emdppl.driver import run
 from emdppl.inference_data import to_arviz
 from emdppl.reparam import auxiliary as make_auxiliary
@@ -101,6 +110,7 @@ LOSSES: dict[str, Callable[[int], Any]] = {
 }
 
 
+@functools.cache
 def default_optimizer(num_steps: int, learning_rate: float = 1e-2) -> optax.GradientTransformation:
     r"""Adam on a warm-up + cosine schedule, the default of :class:`SVI`.
 
@@ -109,7 +119,8 @@ def default_optimizer(num_steps: int, learning_rate: float = 1e-2) -> optax.Grad
     the gradient noise of the ELBO estimator. ``b2 = 0.99`` (not Adam's 0.999): the second-moment
     estimate forgets the large gradients of the first steps within ~100 steps, so steps near
     the optimum are not damped (with 0.999 a normal-normal fit of 2000 steps stays 0.2
-    posterior sd short of the exact answer).
+    posterior sd short of the exact answer). Cached: equal settings give the same object, so
+    two :class:`SVI` built alike share compiled code.
     """
     schedule = optax.warmup_cosine_decay_schedule(
         init_value=learning_rate / 10,
@@ -143,22 +154,67 @@ class SVIState(NamedTuple):
     failed_step: jax.Array
 
 
+@dataclasses.dataclass(frozen=True)
+class _Setup:
+    """What decides the compiled code of a fit: the user's model, its form, guide, optimiser and
+    loss. Hashable and compared by value, so two fits of the same setup share compiled code
+    (the data are traced arguments next to it). The NumPyro objects are built from it inside
+    each trace (:meth:`build`): an auto guide set up while tracing keeps tracers, so it must not
+    outlive the trace."""
+
+    model: Callable
+    auxiliary: bool
+    guide: str | Callable
+    optimizer: optax.GradientTransformation
+    loss: str | Any
+    num_particles: int
+
+    def fitted_model(self) -> Callable:
+        return make_auxiliary(self.model) if self.auxiliary else self.model
+
+    def new_guide(self, fitted_model: Callable) -> Callable:
+        """A fresh guide (auto guides are not set up until first called)."""
+        return GUIDES[self.guide](fitted_model) if isinstance(self.guide, str) else self.guide
+
+    def build(self) -> tuple[Callable, Callable, NumPyroSVI]:
+        """``(fitted model, guide, numpyro.infer.SVI)``, fresh."""
+        model = self.fitted_model()
+        guide = self.new_guide(model)
+        loss = LOSSES[self.loss](self.num_particles) if isinstance(self.loss, str) else self.loss
+        return model, guide, NumPyroSVI(model, guide, optax_to_numpyro(self.optimizer), loss)
+
+    def initialised(self, rng_key: PRNGKey, model_args: tuple, model_kwargs: dict) -> NumPyroSVI:
+        """A fresh ``numpyro.infer.SVI`` that has recorded the constraints of the ``param``
+        sites (what ``update`` and ``get_params`` need), by ``SVI.init`` evaluated abstractly:
+        it adds no operation to the computation being traced."""
+        _, _, svi = self.build()
+        jax.eval_shape(
+            lambda key, args, kwargs: svi.init(key, *args, **kwargs),
+            rng_key,
+            model_args,
+            model_kwargs,
+        )
+        return svi
+
+
 class _SVIStep(eqx.Module):
     """``step(rng_key, state)``: one optimiser step on the ELBO; info = ``{"loss": -ELBO}``.
 
-    The NumPyro ``SVI`` object (model, guide, loss, optimiser) is static; the model arguments
-    are traced, so new data of the same shapes reuses the compiled chunk.
+    The setup (model, guide, loss, optimiser) is static; the model arguments are traced, so new
+    data of the same shapes reuses the compiled chunk.
     """
 
-    svi: NumPyroSVI = eqx.field(static=True)
+    setup: _Setup = eqx.field(static=True)
     model_args: tuple
     model_kwargs: dict
 
     def __call__(self, rng_key: PRNGKey, state: SVIState) -> tuple[SVIState, dict]:
+        svi = self.setup.initialised(rng_key, self.model_args, self.model_kwargs)
+
         def update(state: SVIState) -> tuple[SVIState, dict]:
             svi_state = NumPyroSVIState(state.optim_state, state.mutable_state, rng_key)
-            new, loss = self.svi.update(svi_state, *self.model_args, **self.model_kwargs)
-            params = self.svi.optim.get_params(new.optim_state)
+            new, loss = svi.update(svi_state, *self.model_args, **self.model_kwargs)
+            params = svi.optim.get_params(new.optim_state)
             is_finite = jnp.isfinite(loss) & tree_all_finite(params)
             # the state keeps the dtypes it started with (x64 data may promote the update)
             keep = lambda a, b: jnp.where(is_finite, a, b).astype(jnp.result_type(b))
@@ -180,16 +236,24 @@ class _SVIStep(eqx.Module):
 
 class _SVIInit(eqx.Module):
     """``init(position, rng_key)``: NumPyro's ``SVI.init``; ``position`` is ``None`` or a dict
-    of initial (constrained) values of ``param`` sites."""
+    of initial (constrained) values of ``param`` sites. The guide's sites are checked against
+    the model's (:func:`_check_guide`) when this is traced."""
 
-    svi: NumPyroSVI = eqx.field(static=True)
+    setup: _Setup = eqx.field(static=True)
     model_args: tuple
     model_kwargs: dict
 
     def __call__(self, position: dict | None, rng_key: PRNGKey) -> SVIState:
-        svi_state = self.svi.init(
-            rng_key, *self.model_args, init_params=position, **self.model_kwargs
-        )
+        return self.initial_state(position, *jax.random.split(rng_key))
+
+    def initial_state(
+        self, position: dict | None, init_key: PRNGKey, check_key: PRNGKey
+    ) -> SVIState:
+        """The initial state: the check sets the auto guide up (its initial values drawn with
+        ``check_key``), then ``SVI.init`` runs with ``init_key``."""
+        model, guide, svi = self.setup.build()
+        _check_guide(model, guide, self.model_args, self.model_kwargs, check_key)
+        svi_state = svi.init(init_key, *self.model_args, init_params=position, **self.model_kwargs)
         return SVIState(
             svi_state.optim_state,
             svi_state.mutable_state,
@@ -200,39 +264,63 @@ class _SVIInit(eqx.Module):
 
 def svi_algorithm(
     model: Callable,
-    guide: Callable,
+    guide: str | Callable,
     optimizer: optax.GradientTransformation,
     loss: Any,
     *,
     model_args: tuple = (),
     model_kwargs: dict | None = None,
-) -> tuple[Algorithm, NumPyroSVI]:
+    auxiliary: bool = False,
+) -> Algorithm:
     r"""The SVI ``Algorithm`` of ``guide`` for ``model``: one optax step on :math:`-\mathcal L`.
 
-    ``init(position, rng_key)`` must be called before ``step`` (it records the constraints of
-    the ``param`` sites); ``position`` is ``None`` (the guide's own initial values) or a dict of
-    constrained ``param`` values. ``step(rng_key, state)`` returns ``{"loss": -ELBO estimate}``
-    and skips (and from then on freezes) a step whose loss or parameters are not finite, recording
-    it in ``state.failed_step``.
+    ``guide`` is a name from :data:`GUIDES` (built on the fitted model) or a NumPyro guide
+    callable; ``loss`` a NumPyro ELBO instance; ``auxiliary`` fits :func:`emdppl.auxiliary`
+    ``(model)``. ``init(position, rng_key)`` checks the guide's sites against the model's and
+    returns the initial state; ``position`` is ``None`` (the guide's own initial values) or a
+    dict of constrained ``param`` values. ``step(rng_key, state)`` returns
+    ``{"loss": -ELBO estimate}`` and skips (and from then on freezes) a step whose loss or
+    parameters are not finite, recording it in ``state.failed_step``. The data are traced
+    arguments: a second algorithm of the same model, guide, optimiser and loss on data of the
+    same shapes reuses the compiled code.
 
     Returns
     -------
-    algorithm
+    Algorithm
         ``Algorithm(init, step)`` over :class:`SVIState`.
-    svi
-        The underlying ``numpyro.infer.SVI``; ``svi.get_params(...)`` gives constrained params.
 
     Examples
     --------
-    >>> alg, svi = emdppl.svi.svi_algorithm(model, AutoNormal(model), optax.adam(1e-2),
-    ...                                     Trace_ELBO())  # doctest: +SKIP
+    >>> alg = emdppl.svi.svi_algorithm(model, "auto_normal", optax.adam(1e-2),
+    ...                                Trace_ELBO())  # doctest: +SKIP
     >>> state = alg.init(None, jax.random.key(0))  # doctest: +SKIP
     >>> state, trace = emdppl.run(1, alg, 1000, state)  # doctest: +SKIP
     """
-    model_kwargs = dict(model_kwargs or {})
-    svi = NumPyroSVI(model, guide, optax_to_numpyro(optimizer), loss)
-    args = (svi, tuple(model_args), model_kwargs)
-    return Algorithm(init=_SVIInit(*args), step=_SVIStep(*args)), svi
+    setup = _Setup(model, bool(auxiliary), guide, optimizer, loss, 1)
+    return _algorithm(setup, tuple(model_args), dict(model_kwargs or {}))
+
+
+def _algorithm(setup: _Setup, model_args: tuple, model_kwargs: dict) -> Algorithm:
+    return Algorithm(
+        init=_SVIInit(setup, model_args, model_kwargs),
+        step=_SVIStep(setup, model_args, model_kwargs),
+    )
+
+
+@eqx.filter_jit
+def _initial_state(
+    init: _SVIInit, position: dict | None, init_key: PRNGKey, check_key: PRNGKey
+) -> SVIState:
+    return init.initial_state(position, init_key, check_key)
+
+
+@eqx.filter_jit
+def _constrained_params(
+    setup: _Setup, state: SVIState, model_args: tuple, model_kwargs: dict
+) -> dict:
+    """Constrained values of the ``param`` sites of ``state``."""
+    svi = setup.initialised(jax.random.key(0), model_args, model_kwargs)
+    return svi.get_params(NumPyroSVIState(state.optim_state, None, None))
 
 
 def _trace(fn: Callable, rng_key: PRNGKey, model_args: tuple, model_kwargs: dict) -> dict:
@@ -291,6 +379,69 @@ def _check_guide(
     return latents
 
 
+#: Largest number of latent coordinates :func:`_scale_ratios` checks (it forms the Hessian, one
+#: Hessian-vector product per coordinate, and inverts it); larger models are not checked.
+MAX_CURVATURE_DIM = 512
+
+
+def _guide_gaussian(guide: Callable, params: dict) -> tuple[jax.Array, jax.Array, Callable]:
+    """``(mean, marginal sd, unpack)`` of a Gaussian auto guide on the flattened unconstrained
+    latents (shape ``(d,)`` each); ``unpack(x)`` maps a ``(d,)`` vector to ``{site: array}``."""
+    if isinstance(guide, AutoNormal):
+        prefix = guide.prefix
+        loc, unpack = ravel_pytree({k: params[f"{k}_{prefix}_loc"] for k in guide._init_locs})
+        scale = ravel_pytree({k: params[f"{k}_{prefix}_scale"] for k in guide._init_locs})[0]
+        return loc, scale, unpack
+    posterior = guide.get_posterior(params)  # (LowRank)MultivariateNormal on the flat latents
+    return posterior.loc, jnp.sqrt(posterior.variance), guide._unpack_latent
+
+
+@eqx.filter_jit
+def _scale_ratios(
+    setup: _Setup, params: dict, model_args: tuple, model_kwargs: dict
+) -> dict[str, jax.Array] | None:
+    r"""Guide marginal sd over the Laplace marginal sd at the guide's mean, per latent
+    coordinate of the fitted (auxiliary) model: :math:`r_i = s_i / \sqrt{(H^{-1})_{ii}}`,
+    :math:`H = -\nabla^2 \log p(x, z)` on the unconstrained latents at the guide's mean
+    (Jacobian included), from one Hessian-vector product per coordinate.
+
+    On a Gaussian posterior the KL(q||p) optimum has :math:`r_i = 1` for a full-rank guide and
+    :math:`r_i = (H_{ii} (H^{-1})_{ii})^{-1/2} = \sqrt{1 - R_i^2}` for the mean field
+    (:math:`R_i` the multiple correlation of coordinate ``i`` with the others): :math:`r_i \ll 1`
+    is a guide squeezed across a ridge it cannot follow. Directions of non-positive curvature
+    (the guide's mean is no local mode there) are left out of :math:`H^{-1}`, which only makes
+    the Laplace sd smaller and so errs on the side of no warning. Returns
+    ``{site: array of the site's shape}``; ``None`` for guides without a Gaussian scale
+    (``auto_delta``, custom guides) and above :data:`MAX_CURVATURE_DIM` coordinates.
+    """
+    if setup.guide not in (
+        "auto_normal",
+        "auto_multivariate_normal",
+        "auto_lowrank_multivariate_normal",
+    ):
+        return None
+    model, guide, _ = setup.build()
+    with numpyro.validation_enabled(False):
+        _trace(handlers.substitute(guide, data=params), jax.random.key(0), model_args, model_kwargs)
+    loc, scale, unpack = _guide_gaussian(guide, params)
+    if loc.shape[0] > MAX_CURVATURE_DIM:
+        return None
+
+    def neg_logdensity(x: jax.Array) -> jax.Array:
+        return potential_energy(model, model_args, model_kwargs, unpack(x))
+
+    def hvp(v: jax.Array) -> jax.Array:
+        return jax.jvp(jax.grad(neg_logdensity), (loc,), (v,))[1]
+
+    with numpyro.validation_enabled(False):
+        hessian = jax.vmap(hvp)(jnp.eye(loc.shape[0], dtype=loc.dtype))
+    hessian = (hessian + hessian.T) / 2
+    eigenvalues, vectors = jnp.linalg.eigh(hessian)
+    curved = eigenvalues > 0
+    laplace_variance = (vectors**2) @ jnp.where(curved, 1 / jnp.where(curved, eigenvalues, 1), 0)
+    return unpack(scale / jnp.sqrt(laplace_variance))
+
+
 class SVIResult(NamedTuple):
     """A fitted guide.
 
@@ -309,6 +460,12 @@ class SVIResult(NamedTuple):
         The final :class:`SVIState` (to continue optimising with :func:`emdppl.run`).
     model_args, model_kwargs
         The arguments the guide was fitted with.
+    setup
+        What was fitted (model, form, guide, optimiser, loss); :meth:`sample_posterior` builds
+        its guide from it.
+    warnings
+        The problems :func:`emdppl.diagnostics.check_svi_loss` and
+        :func:`emdppl.diagnostics.check_guide_scales` found (empty: none).
     """
 
     params: dict
@@ -318,6 +475,8 @@ class SVIResult(NamedTuple):
     state: SVIState
     model_args: tuple
     model_kwargs: dict
+    setup: _Setup
+    warnings: list = []
 
     def sample_posterior(self, rng_key: int | PRNGKey, num_samples: int) -> dict:
         """Draws from the fitted guide pushed through the model.
@@ -327,20 +486,19 @@ class SVIResult(NamedTuple):
         ``(num_samples, ...)``.
         """
         keys = jax.random.split(as_key(rng_key), num_samples)
-        return _push_forward(
-            self.model, self.guide, self.params, self.model_args, self.model_kwargs, keys
-        )
+        return _push_forward(self.setup, self.params, self.model_args, self.model_kwargs, keys)
 
 
 @eqx.filter_jit
 def _push_forward(
-    model: Callable,
-    guide: Callable,
-    params: dict,
-    model_args: tuple,
-    model_kwargs: dict,
-    keys: jax.Array,
+    setup: _Setup, params: dict, model_args: tuple, model_kwargs: dict, keys: jax.Array
 ) -> dict:
+    model = setup.fitted_model()
+    guide = setup.new_guide(model)
+    # set an auto guide up before the draws (its setup would otherwise use up their keys)
+    with numpyro.validation_enabled(False):
+        _trace(handlers.substitute(guide, data=params), keys[0], model_args, model_kwargs)
+
     def one(rng_key):
         guide_key, model_key = jax.random.split(rng_key)
         guide_trace = _trace(
@@ -492,11 +650,6 @@ class SVI:
             return self.guide
         return getattr(self.guide, "__name__", type(self.guide).__name__)
 
-    def _elbo(self) -> Any:
-        if isinstance(self.loss, str):
-            return LOSSES[self.loss](self.num_particles)
-        return self.loss
-
     def fit(
         self,
         rng_key: int | PRNGKey,
@@ -526,6 +679,11 @@ class SVI:
         Returns
         -------
         SVIResult
+            After the fit it is checked: a loss still falling at the end
+            (:func:`emdppl.diagnostics.check_svi_loss`) and, for Gaussian auto guides, guide sds
+            far below the posterior's Laplace sd at the guide's mean
+            (:func:`emdppl.diagnostics.check_guide_scales`) give one ``RuntimeWarning``, also
+            in ``result.warnings``.
 
         Raises
         ------
@@ -538,20 +696,19 @@ class SVI:
         if not callable(model):
             raise TypeError(f"model must be a NumPyro model (a callable), got {type(model)}.")
         check_model_arguments(model, model_args, model_kwargs)
-        fitted_model = make_auxiliary(model) if auxiliary else model
-        guide = GUIDES[self.guide](fitted_model) if isinstance(self.guide, str) else self.guide
-        init_key, check_key, run_key = jax.random.split(as_key(rng_key), 3)
-        _check_guide(fitted_model, guide, model_args, model_kwargs, check_key)
-        algorithm, svi = svi_algorithm(
-            fitted_model,
-            guide,
-            self.optimizer,
-            self._elbo(),
-            model_args=model_args,
-            model_kwargs=model_kwargs,
+        setup = _Setup(
+            model, bool(auxiliary), self.guide, self.optimizer, self.loss, self.num_particles
         )
+        init_key, check_key, run_key = jax.random.split(as_key(rng_key), 3)
+        fitted_model = setup.fitted_model()
+        guide = setup.new_guide(fitted_model)
+        if isinstance(self.guide, AutoGuide) and self.guide.prototype_trace is None:
+            # the user's own auto guide, not set up yet: set it up here, on concrete data (set
+            # up while tracing, it would keep tracers)
+            _check_guide(fitted_model, guide, model_args, model_kwargs, check_key)
+        algorithm = _algorithm(setup, model_args, model_kwargs)
         with numpyro.validation_enabled(False):
-            state = algorithm.init(init_params, init_key)
+            state = _initial_state(algorithm.init, init_params, init_key, check_key)
         state, trace = run(
             run_key,
             algorithm,
@@ -562,9 +719,9 @@ class SVI:
             desc=f"svi {self._guide_name}",
             checkpoint_dir=self.checkpoint_dir,
         )
-        params = jax.device_get(svi.get_params(NumPyroSVIState(state.optim_state, None, None)))
+        params = jax.device_get(_constrained_params(setup, state, model_args, model_kwargs))
         result = SVIResult(
-            params, guide, fitted_model, trace["loss"], state, model_args, model_kwargs
+            params, guide, fitted_model, trace["loss"], state, model_args, model_kwargs, setup
         )
         failed = int(state.failed_step)
         if failed >= 0:
@@ -577,7 +734,12 @@ class SVI:
                 failed,
                 result,
             )
-        return result
+        problems = check_svi_loss(result.losses, "emdppl.SVI")
+        ratios = _scale_ratios(setup, params, model_args, model_kwargs)
+        if ratios is not None:
+            problems += check_guide_scales(jax.device_get(ratios), self._guide_name)
+        warn(problems, f"emdppl.SVI({self._guide_name!r})")
+        return result._replace(warnings=problems)
 
     def infer(
         self, problem: Problem, *, rng_key: int | PRNGKey = 0, progress_bar: bool = True
@@ -596,7 +758,8 @@ class SVI:
             ``num_steps``, ``num_particles``, ``num_samples``, ``auxiliary``,
             ``final_loss`` (mean of the last 1% of the steps, at least one),
             ``params`` (the fitted constrained parameters, JSON), ``fit_seconds``,
-            ``sampling_seconds``, ``wall_seconds``, ``compile_seconds``, library versions.
+            ``sampling_seconds``, ``wall_seconds``, ``compile_seconds``, library versions,
+            ``warnings`` (:attr:`SVIResult.warnings`).
         """
         if problem.backend == "target":
             raise TypeError(
@@ -635,6 +798,7 @@ class SVI:
             "sampling_seconds": sample_watch.wall_seconds,
             "wall_seconds": watch.wall_seconds,
             "compile_seconds": watch.compile_seconds,
+            "warnings": list(result.warnings),
         }
         return to_arviz(posterior, None, attrs, svi_trace={"loss": result.losses[None]})
 

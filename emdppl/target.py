@@ -3,18 +3,24 @@ r"""What every sampler works on: a log density on an unconstrained space, and it
 A :class:`Target` is an equinox module (a pytree): the arrays it holds (data, initial positions)
 are traced arguments of the jitted code, and the rest (the model function, flags) is static.
 Two targets built from the same model on data of the same shapes therefore share compiled code:
-a second :func:`emdppl.infer` call does not retrace the model.
+a second :func:`emdppl.infer` call does not retrace the model. Arguments the model uses as
+Python values are bound into the model instead (:class:`StaticArguments`, by
+:func:`numpyro_inputs`), and discrete sites marked ``infer={"enumerate": "parallel"}`` are summed
+out of the log density (``numpyro.contrib.funsor``).
 """
 
 from __future__ import annotations
 
+import hashlib
 import inspect
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
 
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+import numpy as np
 import numpyro
 from numpyro import handlers
 from numpyro.distributions import biject_to
@@ -24,7 +30,7 @@ from numpyro.infer.util import constrain_fn, find_valid_initial_params, potentia
 from emdppl.base import PRNGKey, PyTree, as_key, caller_stacklevel
 from emdppl.reparam import auxiliary as make_auxiliary
 
-__all__ = ["NumPyroLogDensity", "NumPyroPostprocess", "Target"]
+__all__ = ["NumPyroLogDensity", "NumPyroPostprocess", "StaticArguments", "Target"]
 
 #: How :meth:`Target.from_numpyro` draws initial positions, besides a dict of values.
 _DRAWN_INITS = ("uniform", "median")
@@ -34,38 +40,76 @@ def _call_model(model: Callable, is_auxiliary: bool) -> Callable:
     return make_auxiliary(model) if is_auxiliary else model
 
 
+def is_enumerated(site: dict) -> bool:
+    """Whether a sample site is a discrete latent marked ``infer={"enumerate": "parallel"}``
+    (summed out of the log density, as NumPyro's NUTS does, by ``numpyro.contrib.funsor``)."""
+    return (
+        site["type"] == "sample"
+        and not site["is_observed"]
+        and site["fn"].has_enumerate_support
+        and site.get("infer", {}).get("enumerate") == "parallel"
+    )
+
+
+def _enumerated_model(model: Callable, first_available_dim: int | None) -> Callable:
+    """``model`` with its enumerated sites summed out on batch dims ``<= first_available_dim``
+    (left of every plate); ``model`` itself when ``first_available_dim`` is ``None``."""
+    if first_available_dim is None:
+        return model
+    from numpyro.contrib.funsor import enum  # here: importing funsor takes about 0.6 s
+
+    return enum(model, first_available_dim)
+
+
 class NumPyroLogDensity(eqx.Module):
     r"""The positive log joint of a NumPyro model on its unconstrained (auxiliary) space.
 
     ``self(position) = log p(data, T(position)) + log |det J_T(position)|``, where ``position``
     is a dict ``{site: array}`` of unconstrained latent values and ``T`` maps each site to its
-    support. Calling it traces the model.
+    support. Discrete sites marked ``infer={"enumerate": "parallel"}`` are summed out,
+    ``log p(data, T(position)) = log sum_z p(data, z, T(position))``, when
+    ``first_available_dim`` (the batch dim left of every plate) is set. Calling it traces the
+    model.
     """
 
     model: Callable = eqx.field(static=True)
     is_auxiliary: bool = eqx.field(static=True)
     model_args: tuple
     model_kwargs: dict
+    first_available_dim: int | None = eqx.field(static=True, default=None)
 
     def __call__(self, position: dict) -> jax.Array:
         model = _call_model(self.model, self.is_auxiliary)
-        return -potential_energy(model, self.model_args, self.model_kwargs, position)
+        model = _enumerated_model(model, self.first_available_dim)
+        return -potential_energy(
+            model,
+            self.model_args,
+            self.model_kwargs,
+            position,
+            enum=self.first_available_dim is not None,
+        )
 
 
 class NumPyroPostprocess(eqx.Module):
     """Map an unconstrained position to every model site on its constrained scale.
 
     Returns latent sites, the sites ``auxiliary()`` turned into deterministics (centered names,
-    e.g. ``theta``) and the model's own ``numpyro.deterministic`` sites.
+    e.g. ``theta``) and the model's own ``numpyro.deterministic`` sites. Enumerated sites
+    (``enumerated``) are not part of the position; as in NumPyro's MCMC, the model runs with
+    them drawn from their prior at a fixed key, so a deterministic site that depends on them
+    holds such a draw.
     """
 
     model: Callable = eqx.field(static=True)
     is_auxiliary: bool = eqx.field(static=True)
     model_args: tuple
     model_kwargs: dict
+    enumerated: bool = eqx.field(static=True, default=False)
 
     def __call__(self, position: dict) -> dict:
         model = _call_model(self.model, self.is_auxiliary)
+        if self.enumerated:
+            model = handlers.seed(model, 0)
         return constrain_fn(
             model, self.model_args, self.model_kwargs, position, return_deterministic=True
         )
@@ -101,13 +145,21 @@ def _prototype(
         for k, s in trace.items()
         if s["type"] == "sample" and s["is_observed"]
     }
-    latents = [k for k, s in trace.items() if s["type"] == "sample" and not s["is_observed"]]
+    latents = [
+        k
+        for k, s in trace.items()
+        if s["type"] == "sample" and not s["is_observed"] and not is_enumerated(s)
+    ]
     discrete = [k for k in latents if trace[k]["fn"].is_discrete]
     if discrete:
+        families = {k: type(trace[k]["fn"]).__name__ for k in discrete}
         raise ValueError(
-            f"discrete latent site(s) {discrete}: emdppl's samplers are gradient based. "
-            "Marginalise them out in the model (e.g. a mixture with logsumexp over the "
-            "components) or observe them; emdppl.check_auxiliary(model, ...) reports every site."
+            f"discrete latent site(s) {discrete} ({families}): emdppl's samplers are gradient "
+            "based. Mark those of finite support (Bernoulli, Categorical, ...) "
+            "them infer={'enumerate': 'parallel'} (or decorate the model with "
+            "numpyro.contrib.funsor.config_enumerate) to sum them out as NumPyro's NUTS does, "
+            "marginalise them in the model (e.g. a mixture with logsumexp over the components) "
+            "or observe them; emdppl.check_auxiliary(model, ...) reports every site."
         )
     if not latents:
         raise ValueError("the model has no latent sample sites: there is nothing to infer.")
@@ -152,6 +204,7 @@ def _initial_positions(
     ``[-radius, radius]`` by default; retried until finite), their validity, and per observed
     site the count of data outside the support."""
     model = _call_model(log_density.model, log_density.is_auxiliary)
+    enumerated = _enumerated_model(model, log_density.first_available_dim)
     prototype, outside = _prototype(
         model,
         log_density.model_args,
@@ -163,8 +216,9 @@ def _initial_positions(
     def one(rng_key):
         (params, _, _), is_valid = find_valid_initial_params(
             rng_key,
-            model,
+            enumerated,
             init_strategy=_init_strategy(init, radius),
+            enum=log_density.first_available_dim is not None,
             model_args=log_density.model_args,
             model_kwargs=log_density.model_kwargs,
             prototype_params=prototype,
@@ -238,6 +292,248 @@ def check_model_arguments(model: Callable, model_args: tuple, model_kwargs: dict
             f"model_args/model_kwargs do not fit {name}{signature}: {err}. Pass "
             "model_kwargs=dict(...) with the model's own argument names."
         ) from None
+
+
+#: What JAX raises when a model uses a traced value as a Python value (``len(np.unique(x))``,
+#: ``int(x.max())``, ``if x:``).
+_CONCRETE_ERRORS = (
+    jax.errors.ConcretizationTypeError,
+    jax.errors.TracerArrayConversionError,
+    jax.errors.TracerIntegerConversionError,
+    jax.errors.TracerBoolConversionError,
+)
+
+
+def _fingerprint(value: Any) -> Any:
+    """A hashable stand-in for ``value``, equal for equal values: arrays by dtype, shape and a
+    SHA-256 of their bytes; lists, tuples and dicts element by element."""
+    if isinstance(value, (np.ndarray, jax.Array)):
+        array = np.ascontiguousarray(value)
+        digest = hashlib.sha256(array.tobytes()).hexdigest()
+        return ("array", array.dtype.str, array.shape, digest)
+    if isinstance(value, (list, tuple)):
+        return (type(value).__name__, tuple(_fingerprint(v) for v in value))
+    if isinstance(value, dict):
+        return ("dict", tuple((repr(k), _fingerprint(value[k])) for k in sorted(value, key=repr)))
+    try:
+        hash(value)
+    except TypeError:
+        return ("id", id(value))
+    return value
+
+
+class StaticArguments:
+    """A model with some arguments fixed as compile-time constants (NumPyro's
+    ``jit_model_args=False``, for those arguments only).
+
+    ``StaticArguments(model, static)(*args, **kwargs) = model(*args, **kwargs, **static)``.
+    The values in ``static`` reach the model as they were given (a numpy array stays one, so
+    ``len(np.unique(dept))`` works) and are closed over by the jitted code. Two instances are
+    equal when they wrap the same model with equal values: an equal data set reuses the compiled
+    code, other values compile anew. Its signature is the model's without the static arguments.
+
+    Examples
+    --------
+    >>> bound = emdppl.target.StaticArguments(glmm, {"dept": dept})  # doctest: +SKIP
+    >>> bound(male, applications, admit)  # glmm(male=male, ..., dept=dept)  # doctest: +SKIP
+    """
+
+    def __init__(self, model: Callable, static: dict[str, Any]) -> None:
+        self.model = model
+        self.static = dict(static)
+        self._key = (model, _fingerprint(self.static))
+        self.__name__ = getattr(model, "__name__", type(model).__name__)
+        try:
+            signature = inspect.signature(model)
+        except (TypeError, ValueError):
+            return
+        kept = [p for name, p in signature.parameters.items() if name not in self.static]
+        self.__signature__ = signature.replace(parameters=kept)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        if args:  # by this signature, so that they land after the static ones are taken out
+            args, kwargs = _split_arguments(self, args, kwargs)
+        return self.model(*args, **kwargs, **self.static)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, StaticArguments) and self._key == other._key
+
+    def __hash__(self) -> int:
+        return hash(self._key)
+
+    def __repr__(self) -> str:
+        return f"StaticArguments({self.__name__}, static={sorted(self.static)})"
+
+
+def _as_data(value: Any) -> Any:
+    """A (nested) list of numbers as a numpy array, which the jitted code traces; anything else
+    as it is."""
+    if isinstance(value, list):
+        try:
+            array = np.asarray(value)
+        except ValueError:  # ragged
+            return value
+        if array.dtype.kind in "biuf":
+            return array
+    return value
+
+
+def _is_data(value: Any) -> bool:
+    """An array, or a list that :func:`_as_data` turns into one."""
+    return isinstance(value, (np.ndarray, jax.Array)) or _as_data(value) is not value
+
+
+def _split_arguments(model: Callable, model_args: tuple, model_kwargs: dict) -> tuple[list, dict]:
+    """The arguments that must stay positional (positional-only ones, ``*args`` and those before
+    them), and the others by name (``**kwargs`` entries included)."""
+    signature = inspect.signature(model)
+    bound = signature.bind(*model_args, **model_kwargs)
+    params = signature.parameters
+    kind = inspect.Parameter
+    has_varargs = any(
+        params[k].kind is kind.VAR_POSITIONAL and v for k, v in bound.arguments.items()
+    )
+    positional, named = [], {}
+    for name, value in bound.arguments.items():
+        param_kind = params[name].kind
+        if param_kind is kind.VAR_POSITIONAL:
+            positional.extend(value)
+        elif param_kind is kind.VAR_KEYWORD:
+            named.update(value)
+        elif param_kind is kind.POSITIONAL_ONLY or (
+            param_kind is kind.POSITIONAL_OR_KEYWORD and has_varargs
+        ):
+            positional.append(value)
+        else:
+            named[name] = value
+    return positional, named
+
+
+def _static_names(static: str | Sequence[str]) -> tuple[str, ...]:
+    names = (static,) if isinstance(static, str) else tuple(static)
+    if not all(isinstance(n, str) for n in names):
+        raise TypeError(f"static must name model arguments (strings), got {static!r}.")
+    return names
+
+
+def _bind_static(
+    model: Callable, model_args: tuple, model_kwargs: dict, names: tuple[str, ...]
+) -> tuple[StaticArguments, tuple, dict]:
+    """``model`` with the arguments ``names`` bound as constants, and the other arguments."""
+    label = getattr(model, "__name__", "the model")
+    try:
+        positional, named = _split_arguments(model, model_args, model_kwargs)
+    except (TypeError, ValueError):
+        raise ValueError(
+            f"static={names}: {label} has no signature to find its arguments by name in."
+        ) from None
+    missing = [n for n in names if n not in named]
+    if missing:
+        raise ValueError(
+            f"static={names}: {missing} are not arguments that {label}{inspect.signature(model)} "
+            f"is given by name (given: {list(named)}; an argument left at its default is a Python "
+            "value already, one passed by position before *args cannot be bound)."
+        )
+    static = {n: named.pop(n) for n in names}
+    return StaticArguments(model, static), tuple(positional), named
+
+
+class _ModelInfo(NamedTuple):
+    """What one trace of a model tells before anything is compiled (Python values only)."""
+
+    #: ``None``, or what JAX raised when the model used a traced value as a Python value.
+    concrete_error: str | None
+    #: The batch dim left of every plate, where enumerated sites put their values; ``None``
+    #: when no site is enumerated.
+    first_available_dim: int | None
+
+
+@eqx.filter_jit
+def _model_info(
+    model: Callable, model_args: tuple, model_kwargs: dict, rng_key: PRNGKey
+) -> _ModelInfo:
+    """One abstract trace of ``model`` (cached: data of the same shapes do not trace again)."""
+    try:
+        with numpyro.validation_enabled(False):
+            trace = _trace_at_init(model, model_args, model_kwargs, rng_key)
+    except _CONCRETE_ERRORS as err:
+        return _ModelInfo(f"{type(err).__name__}: {str(err).splitlines()[0]}", None)
+    except Exception:  # any other error is raised, with its context, where the model runs
+        return _ModelInfo(None, None)
+    if not any(is_enumerated(s) for s in trace.values()):
+        return _ModelInfo(None, None)
+    plate_dims = [
+        f.dim
+        for s in trace.values()
+        if s["type"] == "sample"
+        for f in s["cond_indep_stack"]
+        if f.dim is not None
+    ]
+    return _ModelInfo(None, min(plate_dims, default=0) - 1)
+
+
+def numpyro_inputs(
+    model: Callable,
+    model_args: tuple = (),
+    model_kwargs: dict | None = None,
+    static: str | Sequence[str] = (),
+) -> tuple[Callable, tuple, dict]:
+    """The model and arguments the jitted code traces: the arguments named in ``static`` bound
+    as constants (:class:`StaticArguments`), lists of numbers turned into arrays.
+
+    When the model uses its traced data as Python values (``len(np.unique(dept))``) and
+    ``static`` is empty, every array argument is made static, with a warning that names them and
+    ``static=``; a model that still fails, or fails although ``static`` was given, is refused
+    with the error JAX raised. A model that runs traced is returned as it is: data of the same
+    shapes reuse the compiled code.
+    """
+    model_kwargs = dict(model_kwargs or {})
+    names = _static_names(static)
+    check_model_arguments(model, tuple(model_args), model_kwargs)
+    if names:
+        model, model_args, model_kwargs = _bind_static(model, model_args, model_kwargs, names)
+    label = getattr(model, "__name__", "the model")
+    model_args = tuple(_as_data(v) for v in model_args)
+    model_kwargs = {k: _as_data(v) for k, v in model_kwargs.items()}
+    error = _model_info(model, model_args, model_kwargs, jax.random.key(0)).concrete_error
+    if error is None:
+        return model, model_args, model_kwargs
+    advice = (
+        "Write those lines with jax.numpy on arrays (jnp.where instead of if, shapes instead "
+        "of values), or pass the values the model needs as Python values in static=(...)."
+    )
+    if names:
+        raise ValueError(
+            f"{label} uses a traced value as a Python value ({error}) although static={names}. "
+            + advice
+        )
+    try:
+        named = _split_arguments(model, model_args, model_kwargs)[1]
+        arrays = tuple(k for k, v in named.items() if _is_data(v))
+    except (TypeError, ValueError):
+        arrays = ()
+    if arrays:
+        bound = _bind_static(model, model_args, model_kwargs, arrays)
+        if _model_info(*bound, jax.random.key(0)).concrete_error is None:
+            warnings.warn(
+                f"{label} uses its data as Python values ({error}), so its array arguments "
+                f"{list(arrays)} are compile-time constants for this run (NumPyro's "
+                "jit_model_args=False): new data compile anew. Say so with "
+                f"static={arrays!r}, or name in static= only those the model needs as Python "
+                "values, so that the others are traced.",
+                UserWarning,
+                stacklevel=caller_stacklevel(),
+            )
+            return bound
+    tried = (
+        f"even with its array arguments {list(arrays)} static"
+        if arrays
+        else ("and it has no array argument passed by name to make static")
+    )
+    raise ValueError(
+        f"{label} uses a traced value as a Python value ({error}), {tried}: a latent site's "
+        "value or a computed array is used as a Python value. " + advice
+    )
 
 
 def _check_init(
@@ -321,6 +617,7 @@ class Target(eqx.Module):
         auxiliary: bool = True,
         init_radius: float = 2.0,
         init: str | dict = "uniform",
+        static: str | Sequence[str] = (),
     ) -> Target:
         """Build the target of a NumPyro model's posterior.
 
@@ -329,7 +626,9 @@ class Target(eqx.Module):
         model
             A NumPyro model, written as people write it (centered is fine).
         model_args, model_kwargs
-            Its arguments; arrays among them are traced, Python scalars are static.
+            Its arguments; arrays (and lists of numbers, turned into arrays) among them are
+            traced, Python scalars and the arguments named in ``static`` are compile-time
+            constants.
         num_chains
             Number of initial positions, drawn by ``init`` and retried until log density and
             gradient are finite.
@@ -347,6 +646,15 @@ class Target(eqx.Module):
             sites (in auxiliary form: ``theta_decentered``, not ``theta``), uniform for the
             sites it leaves out. An optimisation-based start is :class:`emdppl.MCMC`'s
             ``init="optimize"``.
+        static
+            Names of arguments the model uses as Python values (``len(np.unique(dept))``,
+            ``int(np.max(y))``): they reach the model as given and are closed over, an equal
+            data set reusing the compiled code. Left empty, a model that needs concrete data
+            gets all its array arguments static, with a warning (:func:`numpyro_inputs`).
+
+        Discrete latent sites marked ``infer={"enumerate": "parallel"}`` are summed out of the
+        log density (``numpyro.contrib.funsor``, as NumPyro's NUTS does); the position holds the
+        continuous sites only.
 
         Examples
         --------
@@ -362,12 +670,13 @@ class Target(eqx.Module):
             )
         if num_chains < 1:
             raise ValueError(f"num_chains must be >= 1, got {num_chains}.")
-        check_model_arguments(model, tuple(model_args), model_kwargs)
-        _check_init(
-            _call_model(model, auxiliary), tuple(model_args), model_kwargs, as_key(rng_key), init
+        model, model_args, model_kwargs = numpyro_inputs(model, model_args, model_kwargs, static)
+        _check_init(_call_model(model, auxiliary), model_args, model_kwargs, as_key(rng_key), init)
+        dim = _model_info(model, model_args, model_kwargs, jax.random.key(0)).first_available_dim
+        log_density = NumPyroLogDensity(model, auxiliary, model_args, model_kwargs, dim)
+        postprocess = NumPyroPostprocess(
+            model, auxiliary, model_args, model_kwargs, dim is not None
         )
-        log_density = NumPyroLogDensity(model, auxiliary, tuple(model_args), model_kwargs)
-        postprocess = NumPyroPostprocess(model, auxiliary, tuple(model_args), model_kwargs)
         position = _draw_initial_positions(log_density, num_chains, rng_key, init_radius, init)
         return cls(log_density, position, postprocess)
 

@@ -51,6 +51,10 @@ __all__ = [
 ]
 
 
+#: ``DensityTeacher.smoothing`` values.
+SMOOTHINGS = ("laplace", "none")
+
+
 class AbstractTeacher(eqx.Module):
     """A diffused score ``score(x_t, sigma)`` on the VE schedule.
 
@@ -394,6 +398,15 @@ class DensityTeacher(AbstractTeacher):
         Map from a flat vector of shape ``(d,)`` to a position.
     shift, scale_tril
         :math:`m` ``(d,)`` and lower-triangular :math:`L` ``(d, d)``; ``None``: 0 and I.
+    smoothing
+        ``"laplace"`` (above) or ``"none"``: :meth:`score` and :meth:`log_prob` are those of
+        :math:`p` itself at every ``sigma``, exact and one gradient per score. It is not
+        :math:`\nabla\log p_\sigma`; it is meant for a student treated the same way (the
+        generator's own unsmoothed density, :class:`emdppl.EMD`): the E-step target
+        :math:`p(x_\sigma)/q(x_\sigma)\,N(\varepsilon; 0, I)` is then exact and known up to a
+        constant, Metropolis kernels apply, and at :math:`q = p` it is exactly
+        :math:`N(0, I)`, so the EMD fixed point is unbiased at every ``sigma``; noise only
+        decides where the score difference is probed.
     """
 
     logdensity_fn: Callable
@@ -405,17 +418,37 @@ class DensityTeacher(AbstractTeacher):
     num_smoothing_iterations: int = eqx.field(static=True, default=12)
     shift: jax.Array | None = None
     scale_tril: jax.Array | None = None
+    smoothing: str = eqx.field(static=True, default="laplace")
 
     def position(self, u: jax.Array) -> Any:
         """The model's position at the teacher's coordinate ``u (d,)``."""
         x = u if self.scale_tril is None else self.scale_tril @ u
         return self.unravel_fn(x if self.shift is None else self.shift + x)
 
+    def __check_init__(self) -> None:
+        if self.smoothing not in SMOOTHINGS:
+            raise ValueError(f"smoothing must be one of {SMOOTHINGS}, got {self.smoothing!r}.")
+
+    def _log_p(self, u: jax.Array) -> jax.Array:
+        return self.logdensity_fn(self.position(u))
+
     def _grad_log_p(self, u: jax.Array) -> jax.Array:
-        return jax.grad(lambda u: self.logdensity_fn(self.position(u)))(u)
+        return jax.grad(self._log_p)(u)
 
     def score(self, x_t: jax.Array, sigma: jax.Array) -> jax.Array:
+        if self.smoothing == "none":
+            return self._grad_log_p(x_t)
         return laplace_smoothed_score(self._grad_log_p, x_t, sigma, self.num_smoothing_iterations)
+
+    def log_prob(self, x: jax.Array, sigma: jax.Array | float = 0.0) -> jax.Array:
+        r"""Unnormalised :math:`\log p(x)` for ``x (d,)`` (``smoothing="none"`` only: it ignores
+        ``sigma``, see the class docstring); a scalar."""
+        if self.smoothing != "none":
+            raise ValueError(
+                "DensityTeacher.log_prob needs smoothing='none' (the Laplace-smoothed teacher "
+                "has a score but no log density); use a gradient-only E-step sampler ('ula')."
+            )
+        return self._log_p(x)
 
 
 def laplace_smoothed_score(
@@ -475,11 +508,13 @@ def from_model(
 
 
 def density_teacher(
-    target: Any, *, sigma_max: float = 0.5, standardize: bool = True
+    target: Any, *, sigma_max: float = 0.5, standardize: bool = True, smoothing: str = "laplace"
 ) -> DensityTeacher:
     """A :class:`DensityTeacher` from an :class:`emdppl.target.Target`, standardised by
     :func:`laplace_standardization` from the target's first initial position (unless
-    ``standardize=False``)."""
+    ``standardize=False``); ``smoothing`` as in :class:`DensityTeacher`."""
+    if smoothing not in SMOOTHINGS:
+        raise ValueError(f"smoothing must be one of {SMOOTHINGS}, got {smoothing!r}.")
     if not sigma_max > 0:
         raise ValueError(f"sigma_max must be > 0, got {sigma_max}.")
     one = jax.tree.map(lambda x: x[0], target.initial_position)
@@ -495,6 +530,7 @@ def density_teacher(
         sigma_max=sigma_max,
         shift=shift,
         scale_tril=scale_tril,
+        smoothing=smoothing,
     )
 
 

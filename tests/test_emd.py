@@ -438,7 +438,7 @@ def test_distill_config_is_validated_frozen_and_keeps_what_was_asked():
     config = emdppl.DistillConfig(num_steps=50, update_z=False)
     assert config.noise_cancellation == "full"  # the default for frozen z
     # replacing update_z re-derives the cancellation the user did not choose
-    assert emdppl.DistillConfig.from_options(config, update_z=True).noise_cancellation == "none"
+    assert emdppl.DistillConfig.from_options(config, update_z=True).noise_cancellation == "residual"
     explicit = emdppl.DistillConfig(noise_cancellation="initial")
     assert emdppl.DistillConfig.from_options(explicit, num_steps=3).noise_cancellation == "initial"
     with pytest.raises(dataclasses.FrozenInstanceError):

@@ -195,7 +195,11 @@ def test_emd_on_a_pyro_model_matches_its_numpyro_twin():
     for name in ("mu", "tau", "theta"):
         assert pyro_post[name].shape == numpyro_post[name].shape
         scale = float(numpyro_post[name].std())
-        np.testing.assert_allclose(pyro_post[name], numpyro_post[name], atol=1e-3 * scale)
+        # float32 round-off of two implementations, amplified by training: 1e-3 sd, plus a
+        # relative 2e-4 for far-tail draws (|theta| ~ 10 sd, where 1e-4 relative was seen)
+        np.testing.assert_allclose(
+            pyro_post[name], numpyro_post[name], atol=1e-3 * scale, rtol=2e-4
+        )
 
 
 def test_svi_on_a_pyro_model_runs_pyros_svi(eight_schools_reference):

@@ -17,6 +17,7 @@ import numpy as np
 from emdppl.base import PRNGKey
 from emdppl.bridge.pyro_model import require_pyro
 from emdppl.bridge.pyro_target import target_from_pyro, torch_seed
+from emdppl.diagnostics import check_svi_loss, warn
 
 __all__ = ["pyro_svi_infer"]
 
@@ -91,7 +92,9 @@ def pyro_svi_infer(
     loss ``Trace_ELBO(num_particles)``. ``num_samples`` guide draws are pushed through the
     auxiliary model by the same host code as :func:`target_from_pyro`'s ``postprocess_fn``, so
     ``posterior`` has the MCMC layout (``config.num_chains`` chains of independent draws); the loss
-    per step is the ``svi_trace`` group.
+    per step is the ``svi_trace`` group. A loss still falling at the end of the run warns
+    (:func:`emdppl.diagnostics.check_svi_loss`; also in ``attrs["warnings"]``); the guide-scale
+    check of :class:`emdppl.SVI` is not run on Pyro's torch guides.
 
     Examples
     --------
@@ -118,6 +121,8 @@ def pyro_svi_infer(
         guide, losses = _fit(host, config, torch_seed(rng_key), progress_bar)
         fit_seconds = time.perf_counter() - start
         posterior = _guide_posterior(host, guide, config.num_samples, config.num_chains)
+    problems = check_svi_loss(losses, "emdppl.SVI")
+    warn(problems, f"emdppl.SVI({config.guide!r}) on a Pyro model")
     attrs = {
         "algorithm": "svi",
         "backend": "pyro",
@@ -129,5 +134,6 @@ def pyro_svi_infer(
         "final_loss": float(np.mean(losses[-max(1, config.num_steps // 100) :])),
         "fit_seconds": fit_seconds,
         "wall_seconds": time.perf_counter() - start,
+        "warnings": problems,
     }
     return to_arviz(posterior, attrs=attrs, svi_trace={"loss": losses[None]})

@@ -1,0 +1,181 @@
+"""EMD vs a reference posterior: ``emdppl.infer(model, emdppl.EMD())`` with its defaults.
+
+Models: NumPyro's examples (baseball logit, zero-inflated Poisson, GP hyperparameters, horseshoe
+regression; reference: NUTS in the same process, 4 x 1000 draws) and posteriordb posteriors
+(eight schools, arK, kilpisjarvi, low_dim_gauss_mix; reference: posteriordb's draws). Per model:
+max over scalar components of |mean - mean_ref| / sd_ref and of |log(sd / sd_ref)| of the
+returned (importance-resampled) draws; ``--no-importance-resampling`` for the raw generator's
+draws; skipped (NaN) steps, PSIS k-hat and importance ESS, whether EMD warned, wall seconds.
+Writes ``emd_posteriors.json`` and ``.png``.
+
+    .venv/bin/python -m benchmarks.emd_posteriors            # all models, ~25 min on 2 cores
+    .venv/bin/python -m benchmarks.emd_posteriors --smoke    # eight schools, 30 steps
+    .venv/bin/python -m benchmarks.emd_posteriors --models baseball_logit --out DIR
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import emdppl  # noqa: E402
+from benchmarks.common import (  # noqa: E402
+    argument_parser,
+    make_report,
+    output_dir,
+    print_rows,
+    save_report,
+)
+from benchmarks.models import (  # noqa: E402
+    NUMPYRO_EXAMPLE_MODELS,
+    SAMPLER_MODELS,
+    BenchmarkModel,
+)
+
+MODELS = {
+    **NUMPYRO_EXAMPLE_MODELS,
+    **{k: SAMPLER_MODELS[k] for k in ("eight_schools", "arK", "kilpisjarvi", "low_dim_gauss_mix")},
+}
+
+
+def _flat(draws: np.ndarray) -> np.ndarray:
+    """``(chain, draw, ...)`` -> ``(chain * draw, components)``."""
+    return draws.reshape(draws.shape[0] * draws.shape[1], -1)
+
+
+def nuts_reference(bench: BenchmarkModel, kwargs: dict, seed: int) -> dict:
+    """``{site: {"mean", "sd"} (components,)}`` from emdppl NUTS, 4 chains x 1000 draws."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        idata = emdppl.infer(
+            bench.model, emdppl.MCMC("nuts"), model_kwargs=kwargs, rng_key=seed + 1000,
+            progress_bar=False,
+        )
+    divergences = int(idata.sample_stats["diverging"].values.sum())
+    out = {}
+    for site in bench.var_names:
+        x = _flat(idata.posterior[site].values)
+        out[site] = {"mean": x.mean(0), "sd": x.std(0)}
+    return {"sites": out, "divergences": divergences}
+
+
+def stored_reference(bench: BenchmarkModel) -> dict:
+    """posteriordb's moments, flattened to components."""
+    ref = bench.reference()
+    sites = {
+        site: {"mean": np.ravel(ref[site]["mean"]), "sd": np.ravel(ref[site]["sd"])}
+        for site in bench.var_names
+    }
+    return {"sites": sites, "divergences": 0}
+
+
+def errors(draws: dict, reference: dict) -> tuple[float, float]:
+    """``(max |dm| / sd_ref, max |log sd ratio|)`` over every component of every site."""
+    dm = dl = 0.0
+    for site, ref in reference.items():
+        mean, sd = draws[site].mean(0), draws[site].std(0)
+        dm = max(dm, float(np.max(np.abs(mean - ref["mean"]) / ref["sd"])))
+        dl = max(dl, float(np.max(np.abs(np.log(sd / ref["sd"])))))
+    return dm, dl
+
+
+def run_model(name: str, seed: int, emd_options: dict) -> dict:
+    """One row: EMD with defaults (``emd_options`` added) against the model's reference."""
+    bench = MODELS[name]
+    kwargs = {k: np.asarray(v) for k, v in bench.load_kwargs().items()}
+    t0 = time.perf_counter()
+    reference = stored_reference(bench) if bench.reference else nuts_reference(bench, kwargs, seed)
+    reference_seconds = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            idata = emdppl.infer(
+                bench.model, emdppl.EMD(num_samples=4000, **emd_options), model_kwargs=kwargs,
+                rng_key=seed, progress_bar=False,
+            )
+            error = None
+        except FloatingPointError as exc:
+            idata, error = None, str(exc)
+    wall = time.perf_counter() - t0
+    emd_warnings = [str(w.message)[:160] for w in caught if "emdppl" in str(w.filename)
+                    or "generator" in str(w.message)]
+    row = {"model": name, "reference": "posteriordb" if bench.reference else "nuts",
+           "reference_divergences": reference["divergences"],
+           "reference_seconds": round(reference_seconds, 1), "wall_seconds": round(wall, 1),
+           "error": error, "warnings": emd_warnings}
+    if idata is None:
+        return row
+    draws = {site: _flat(idata.posterior[site].values) for site in bench.var_names}
+    row.update(
+        zip(("max_abs_dm_over_sd", "max_abs_log_sd_ratio"), errors(draws, reference["sites"]),
+            strict=True)
+    )
+    row["importance_ess"] = float(idata.posterior.attrs["importance_ess"])
+    row["importance_resampled"] = int(idata.posterior.attrs["importance_resampled"])
+    row["pareto_k"] = float(idata.posterior.attrs["pareto_k"])
+    row["skipped_steps"] = int(idata.posterior.attrs["num_skipped_steps"])
+    return row
+
+
+def _format(row: dict) -> str:
+    if row.get("error"):
+        return f"{row['model']:22s} ERROR {row['error'][:60]}"
+    return (
+        f"{row['model']:22s} {row['max_abs_dm_over_sd']:6.3f} {row['max_abs_log_sd_ratio']:6.3f} "
+        f"{row['importance_ess']:7.0f} {row['pareto_k']:5.2f} "
+        f"{row['skipped_steps']:4d} {row['wall_seconds']:7.1f} {len(row['warnings']):3d}"
+    )
+
+
+def _plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in rows if not r.get("error")]
+    fig, ax = plt.subplots(figsize=(8, 3.5), constrained_layout=True)
+    x = np.arange(len(rows))
+    ax.bar(x - 0.2, [r["max_abs_dm_over_sd"] for r in rows], 0.4, label="max |dm|/sd")
+    ax.bar(x + 0.2, [r["max_abs_log_sd_ratio"] for r in rows], 0.4, label="max |log sd ratio|")
+    ax.set_xticks(x, [r["model"] for r in rows], rotation=30, ha="right")
+    ax.axhline(0.2, color="k", lw=0.5)
+    ax.legend()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def main() -> None:
+    parser = argument_parser(__doc__, "eight schools only, 30 EMD steps")
+    parser.add_argument("--models", nargs="*", default=list(MODELS), choices=list(MODELS))
+    parser.add_argument("--no-importance-resampling", action="store_true")
+    args = parser.parse_args()
+    out = output_dir(args)
+    names = args.models
+    options = {"importance_resampling": not args.no_importance_resampling}
+    if args.smoke:
+        names = ["eight_schools"]
+        options.update(num_steps=30, num_probe_draws=5)
+    rows = []
+    for name in names:
+        rows.append(run_model(name, args.seed, options))
+        print(_format(rows[-1]), flush=True)
+    print_rows(
+        "model                  dm/sd  |lsr|  IS ess k-hat skip  wall s warn", rows,
+        _format,
+    )
+    report = make_report({"seed": args.seed, "smoke": args.smoke, "emd_options": options},
+                         rows=rows)
+    save_report(out, "emd_posteriors", report, _plot, rows)
+
+
+if __name__ == "__main__":
+    main()

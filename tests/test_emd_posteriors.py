@@ -1,0 +1,114 @@
+"""EMD on posteriors: the unsmoothed posterior teacher, the generator as its own student, the
+PSIS fit check, and ``emdppl.infer(model, emdppl.EMD())`` with defaults on held-out models.
+
+The held-out models (posteriordb's kilpisjarvi and arK) were not used to choose any default
+(the defaults were chosen on eight schools, baseball logit, GP and ZIP; benchmarks/README.md,
+"EMD on posteriors"). Tolerance per scalar component, two-sided p = 0.001 per comparison
+(z = 3.29):
+
+- mean: ``|m - m_ref| <= B_m sd_ref + 3.29 sqrt(mcse_ref^2 + sd_ref^2 / n)``, ``n`` independent
+  one-step draws;
+- sd: ``|log(sd / sd_ref)| <= B_s + 3.29 / sqrt(2 n)`` (the log sd's standard error of
+  independent near-normal draws; the reference sd's own error is below it).
+
+``B_m = 0.2`` and ``B_s = 0.15`` are the accuracy EMD is documented to reach (chosen, not
+derived: the issue's target); only the MCSE terms are derived.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import emdppl
+from benchmarks.models import SAMPLER_MODELS
+from emdppl import generators
+from emdppl.distillation import OwnDensityStudent, check_fit, psis
+from emdppl.teachers import DensityTeacher
+
+Z = 3.29  # two-sided p = 0.001
+MEAN_BOUND, LOG_SD_BOUND = 0.2, 0.15
+
+
+def _gaussian_teacher(smoothing: str) -> DensityTeacher:
+    scale = jnp.array([0.5, 2.0])
+    return DensityTeacher(
+        lambda x: -0.5 * jnp.sum((x / scale) ** 2), lambda x: x, 2, smoothing=smoothing
+    )
+
+
+def test_unsmoothed_teacher_is_the_posterior_at_every_sigma():
+    teacher = _gaussian_teacher("none")
+    x = jnp.array([0.3, -1.0])
+    expected = -x / jnp.array([0.25, 4.0])
+    for sigma in (0.05, 0.5):
+        np.testing.assert_allclose(teacher.score(x, sigma), expected, rtol=1e-6)
+        np.testing.assert_allclose(teacher.log_prob(x, sigma), -0.5 * (0.36 + 0.25), rtol=1e-6)
+    smoothed = _gaussian_teacher("laplace")
+    with pytest.raises(ValueError, match="smoothing='none'"):
+        smoothed.log_prob(x)
+    with pytest.raises(ValueError, match="smoothing must be one of"):
+        _gaussian_teacher("exact")
+
+
+def test_own_density_student_is_the_unsmoothed_density():
+    inner = generators.affine(2, loc=jnp.array([1.0, -1.0]), scale=jnp.array([0.5, 2.0]))
+    student = OwnDensityStudent(inner)
+    x = jnp.array([0.2, 0.7])
+    np.testing.assert_allclose(student.log_prob(x), inner.marginal_logdensity(x, 0.0), rtol=1e-6)
+    np.testing.assert_allclose(student.marginal_logdensity(x, 0.3), student.log_prob(x))
+    np.testing.assert_allclose(
+        student.marginal_score(x, 0.3), -(x - inner.loc) / jnp.array([0.25, 4.0]), rtol=1e-5
+    )
+    z = jnp.array([0.1, -0.4])
+    np.testing.assert_allclose(student(z), inner(z))
+    with pytest.raises(ValueError, match="no exact density"):
+        OwnDensityStudent(generators.mlp(2, key=jax.random.key(0)))
+
+
+def test_check_fit_is_loud_only_for_a_bad_fit():
+    """q = N(0, 1) draws: p = q gives k-hat 0 (no warning); p = N(0, 3^2), whose tails q
+    misses, has weights of infinite variance (k-hat -> 1 - 1/9 = 0.89 asymptotically)."""
+    x = np.random.default_rng(0).normal(size=4000)
+    log_q = -0.5 * x**2
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        weights, k = check_fit(log_q - log_q + 3.0)
+    assert k == 0.0
+    np.testing.assert_allclose(weights, 1 / 4000)
+    with pytest.warns(RuntimeWarning, match="PSIS k-hat"):
+        weights, k = check_fit(-0.5 * (x / 3) ** 2 - log_q)
+    assert k > 0.7 and abs(weights.sum() - 1) < 1e-9
+    weights, k = psis(np.array([0.0, 1.0, np.nan, 2.0] * 100))
+    assert k == float("inf") and np.all(weights[2::4] == 0)
+
+
+def _check_against_reference(name: str, num_samples: int = 4000):
+    bench = SAMPLER_MODELS[name]
+    kwargs = {k: np.asarray(v) for k, v in bench.load_kwargs().items()}
+    with warnings.catch_warnings():
+        # a failed fit check (or NaN stop) fails the test
+        warnings.filterwarnings("error", message="the distilled generator")
+        idata = emdppl.infer(
+            bench.model, emdppl.EMD(num_samples=num_samples), model_kwargs=kwargs, rng_key=0,
+            progress_bar=False,
+        )
+    assert idata.posterior.attrs["num_skipped_steps"] == 0
+    reference = bench.reference()
+    for site in bench.var_names:
+        x = idata.posterior[site].values.reshape(num_samples, -1)
+        ref_mean, ref_sd = np.ravel(reference[site]["mean"]), np.ravel(reference[site]["sd"])
+        ref_mcse = np.ravel(reference[site]["mcse"])
+        mean_tol = MEAN_BOUND * ref_sd + Z * np.sqrt(ref_mcse**2 + ref_sd**2 / num_samples)
+        np.testing.assert_array_less(np.abs(x.mean(0) - ref_mean), mean_tol, err_msg=site)
+        log_sd_tol = LOG_SD_BOUND + Z / np.sqrt(2 * num_samples)
+        np.testing.assert_array_less(np.abs(np.log(x.std(0) / ref_sd)), log_sd_tol, err_msg=site)
+
+
+@pytest.mark.parametrize("name", ["kilpisjarvi", "arK"])
+def test_emd_defaults_on_held_out_posteriors(name):
+    _check_against_reference(name)
