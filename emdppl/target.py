@@ -652,6 +652,8 @@ class Target(eqx.Module):
             data set reusing the compiled code. Left empty, a model that needs concrete data
             gets all its array arguments static, with a warning (:func:`numpyro_inputs`).
 
+        Notes
+        -----
         Discrete latent sites marked ``infer={"enumerate": "parallel"}`` are summed out of the
         log density (``numpyro.contrib.funsor``, as NumPyro's NUTS does); the position holds the
         continuous sites only.
