@@ -60,6 +60,10 @@ def _result(stdout: str) -> dict:
 def runs():
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2")
     env.pop("JAX_PLATFORMS", None)
+    # no persistent compilation cache: these processes would write it while the test workers
+    # read it (a cache entry read while being written crashed a worker once)
+    env.pop("JAX_COMPILATION_CACHE_DIR", None)
+    env["JAX_ENABLE_COMPILATION_CACHE"] = "false"
     port = str(_free_port())
     procs = [
         subprocess.Popen(

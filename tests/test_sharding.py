@@ -79,6 +79,10 @@ SCRIPT = textwrap.dedent(
 def result():
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4")
     env.pop("JAX_PLATFORMS", None)
+    # no persistent compilation cache: these processes would write it while the test workers
+    # read it (a cache entry read while being written crashed a worker once)
+    env.pop("JAX_COMPILATION_CACHE_DIR", None)
+    env["JAX_ENABLE_COMPILATION_CACHE"] = "false"
     proc = subprocess.run(
         [sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True, timeout=900
     )
