@@ -314,8 +314,10 @@ def psis(log_weights: Any) -> tuple[np.ndarray, float]:
         smoothed, k = kept, 0.0
     else:
         psislw = getattr(az, "psislw", None)
-        if psislw is None:  # ArviZ >= 1
-            from arviz_stats import psislw
+        if psislw is None:  # ArviZ >= 1: arviz_stats' array interface
+            from arviz_stats.base import array_stats
+
+            psislw = array_stats.psislw
         smoothed, k = psislw(kept)
     kept_weights = np.exp(np.asarray(smoothed) - np.max(smoothed))
     weights[finite] = kept_weights / kept_weights.sum()
