@@ -1,4 +1,5 @@
 import json
+import os
 import pathlib
 
 import numpy as np
@@ -28,3 +29,19 @@ def reference_z(idata, ref, az):
         r = ref["params"][ref_name]
         zs[name] = (row["mean"] - r["mean"]) / np.hypot(row["mcse_mean"], r["mcse_mean"])
     return zs
+
+
+@pytest.fixture(scope="session")
+def device_env():
+    """``device_env(n)``: the environment of a subprocess that sees ``n`` CPU devices and no
+    persistent compilation cache (such processes would write it while the test workers read it;
+    an entry read while being written crashed a worker once)."""
+
+    def make(num_devices: int) -> dict:
+        env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={num_devices}")
+        env.pop("JAX_PLATFORMS", None)
+        env.pop("JAX_COMPILATION_CACHE_DIR", None)
+        env["JAX_ENABLE_COMPILATION_CACHE"] = "false"
+        return env
+
+    return make

@@ -6,7 +6,6 @@ by the test (a timeout kills them)."""
 from __future__ import annotations
 
 import json
-import os
 import socket
 import subprocess
 import sys
@@ -57,13 +56,8 @@ def _result(stdout: str) -> dict:
 
 
 @pytest.fixture(scope="module")
-def runs():
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2")
-    env.pop("JAX_PLATFORMS", None)
-    # no persistent compilation cache: these processes would write it while the test workers
-    # read it (a cache entry read while being written crashed a worker once)
-    env.pop("JAX_COMPILATION_CACHE_DIR", None)
-    env["JAX_ENABLE_COMPILATION_CACHE"] = "false"
+def runs(device_env):
+    env = device_env(2)
     port = str(_free_port())
     procs = [
         subprocess.Popen(
@@ -89,7 +83,7 @@ def runs():
             proc.kill()
     for proc, (_, err) in zip(procs, outs, strict=True):
         assert proc.returncode == 0, err[-4000:]
-    single_env = dict(env, XLA_FLAGS="--xla_force_host_platform_device_count=4")
+    single_env = device_env(4)
     single = subprocess.run(
         [sys.executable, "-c", WORKER],
         env=single_env, capture_output=True, text=True, timeout=900,

@@ -5,7 +5,6 @@ collectives in the compiled sampling step, and the same draws as on one device."
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import textwrap
@@ -76,13 +75,8 @@ SCRIPT = textwrap.dedent(
 
 
 @pytest.fixture(scope="module")
-def result():
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4")
-    env.pop("JAX_PLATFORMS", None)
-    # no persistent compilation cache: these processes would write it while the test workers
-    # read it (a cache entry read while being written crashed a worker once)
-    env.pop("JAX_COMPILATION_CACHE_DIR", None)
-    env["JAX_ENABLE_COMPILATION_CACHE"] = "false"
+def result(device_env):
+    env = device_env(4)
     proc = subprocess.run(
         [sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True, timeout=900
     )
