@@ -7,6 +7,9 @@ DOCS_STAMP := $(VENV)/.docs-$(shell cat pyproject.toml constraints.txt | cksum |
 # Compiled XLA programs are cached across runs (NUTS and friends take seconds to compile).
 export JAX_COMPILATION_CACHE_DIR ?= $(HOME)/.cache/emdppl/jax
 export JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS ?= 1
+# A size limit is what makes JAX lock the cache directory (with none it writes entries unlocked,
+# and a test worker that read an entry while another wrote it crashed in XLA's deserialiser).
+export JAX_COMPILATION_CACHE_MAX_SIZE ?= 17179869184
 
 # The ArviZ 1.x leg: Python 3.12, arviz>=1 (pinned by constraints-arviz1.txt), no Pyro extra.
 # PYTHON312 is python3.12 on PATH if it runs, else pyenv's (its shim fails when 3.12 is not

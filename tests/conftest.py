@@ -2,10 +2,16 @@ import json
 import os
 import pathlib
 
+import jax
 import numpy as np
 import pytest
 
 DATA = pathlib.Path(__file__).parent / "data"
+
+# JAX locks a persistent compilation cache only when it has a size limit; unlocked, one test
+# worker can read an entry another is still writing (XLA then crashes in its deserialiser).
+if jax.config.jax_compilation_cache_dir and jax.config.jax_compilation_cache_max_size == -1:
+    jax.config.update("jax_compilation_cache_max_size", 16 * 2**30)
 
 
 @pytest.fixture(scope="session")
