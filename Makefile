@@ -5,10 +5,12 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml constraints.txt | cksum | cut -d' ' -f1)
 DOCS_STAMP := $(VENV)/.docs-$(shell cat pyproject.toml constraints.txt | cksum | cut -d' ' -f1)
 # Compiled XLA programs are cached across runs (NUTS and friends take seconds to compile).
-export JAX_COMPILATION_CACHE_DIR ?= $(HOME)/.cache/emdppl/jax
+export JAX_COMPILATION_CACHE_DIR ?= $(HOME)/.cache/emdppl/xla
 export JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS ?= 1
 # A size limit is what makes JAX lock the cache directory (with none it writes entries unlocked,
-# and a test worker that read an entry while another wrote it crashed in XLA's deserialiser).
+# and a test worker that read an entry while another wrote it crashed in XLA's deserialiser);
+# the directory is new with the lock (entries written without it lack the access times that
+# JAX's size accounting reads).
 export JAX_COMPILATION_CACHE_MAX_SIZE ?= 17179869184
 
 # The ArviZ 1.x leg: Python 3.12, arviz>=1 (pinned by constraints-arviz1.txt), no Pyro extra.

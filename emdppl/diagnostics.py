@@ -48,7 +48,8 @@ MIN_STEP_SIZE = 1e-3
 #: keeps long converged runs, whose standard errors are tiny, silent).
 MAX_LOSS_DROP_Z = 2.0
 MIN_LOSS_DROP = 0.5
-#: Guide sd over the Laplace sd at the guide's mean below which a guide scale has collapsed.
+#: Guide sd over the sd implied by the posterior's curvature averaged over the guide, below
+#: which a guide scale has collapsed (a mean field at :math:`R^2 > 0.96`).
 MIN_SCALE_RATIO = 0.2
 
 
@@ -279,14 +280,15 @@ def check_svi_loss(losses: np.ndarray, what: str = "emdppl.SVI") -> list[str]:
 
 
 def check_guide_scales(ratios: dict, guide: str) -> list[str]:
-    """A message naming the latent coordinates whose guide sd is below :data:`MIN_SCALE_RATIO`
-    of the posterior's Laplace sd at the guide's mean.
+    r"""A message naming the latent coordinates whose guide sd is below :data:`MIN_SCALE_RATIO`
+    of the sd implied by the posterior's curvature averaged over the guide.
 
     Parameters
     ----------
     ratios
-        ``{site: array of the site's shape}``: guide marginal sd over Laplace marginal sd on the
-        unconstrained (auxiliary) latents, NaN where not checked.
+        ``{site: array of the site's shape}``: guide marginal sd over
+        :math:`\sqrt{(\bar H^{-1})_{ii}}`, :math:`\bar H` the guide's mean of the negative
+        Hessian of the log joint, on the unconstrained (auxiliary) latents; NaN where not checked.
     guide
         The guide's name (for the advice).
     """
@@ -303,7 +305,8 @@ def check_guide_scales(ratios: dict, guide: str) -> list[str]:
     )
     return [
         f"the guide's sd collapsed for {int(bad.sum())} of {bad.size} latent coordinates "
-        f"(guide sd / Laplace sd at the guide's mean: {_worst(names, values, bad, False)}; "
+        f"(guide sd / the sd the posterior's curvature under the guide implies: "
+        f"{_worst(names, values, bad, False)}; "
         f"below {MIN_SCALE_RATIO}): the draws understate the posterior's spread there (a "
         "Gaussian guide squeezed across a ridge, e.g. the local scales of a horseshoe). Use "
         f"{richer}the auxiliary form (auxiliary=True) if it is off, or MCMC "

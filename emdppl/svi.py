@@ -16,8 +16,8 @@ checkpoints of the optimiser state. :class:`SVI` holds the settings: :meth:`SVI.
 :class:`SVIResult` (fitted parameters, guide, ELBO trace), :meth:`SVI.infer` the ArviZ data that
 :func:`emdppl.infer` returns.
 Every fit is checked (a loss still falling at the end, a Gaussian guide's sd collapsed below the
-posterior's Laplace sd at the guide's mean: :mod:`emdppl.diagnostics`), with one warning that is
-also kept in ``SVIResult.warnings`` and ``attrs["warnings"]``.
+sd that the posterior's curvature averaged over the guide implies: :mod:`emdppl.diagnostics`),
+with one warning that is also kept in ``SVIResult.warnings`` and ``attrs["warnings"]``.
 
 Amortised inference (AEVB) uses the same machinery: register an equinox encoder in the guide and
 a decoder in the model with ``numpyro.contrib.module.eqx_module`` and subsample the data plate::
@@ -72,6 +72,12 @@ from numpyro.infer.util import potential_energy
 from numpyro.optim import optax_to_numpyro
 
 from emdppl.base import Algorithm, PRNGKey, PyTree, as_key, tree_all_finite
+from emdppl.curvature import (
+    MAX_CURVATURE_DIM,
+    NUM_CURVATURE_DRAWS,
+    laplace_marginal_sd,
+    mean_hessian,
+)
 from emdppl.diagnostics import check_guide_scales, check_svi_loss, warn
 from emdppl.driver import run
 from emdppl.inference_data import to_arviz
@@ -379,40 +385,41 @@ def _check_guide(
     return latents
 
 
-#: Largest number of latent coordinates :func:`_scale_ratios` checks (it forms the Hessian, one
-#: Hessian-vector product per coordinate, and inverts it); larger models are not checked.
-MAX_CURVATURE_DIM = 512
-
-
-def _guide_gaussian(guide: Callable, params: dict) -> tuple[jax.Array, jax.Array, Callable]:
-    """``(mean, marginal sd, unpack)`` of a Gaussian auto guide on the flattened unconstrained
-    latents (shape ``(d,)`` each); ``unpack(x)`` maps a ``(d,)`` vector to ``{site: array}``."""
+def _guide_gaussian(guide: Callable, params: dict) -> tuple[Any, Callable]:
+    """``(q, unpack)``: a Gaussian auto guide as a NumPyro distribution ``q`` on the flattened
+    unconstrained latents (event shape ``(d,)``); ``unpack(x)`` maps a ``(d,)`` vector to
+    ``{site: array}``."""
     if isinstance(guide, AutoNormal):
         prefix = guide.prefix
         loc, unpack = ravel_pytree({k: params[f"{k}_{prefix}_loc"] for k in guide._init_locs})
         scale = ravel_pytree({k: params[f"{k}_{prefix}_scale"] for k in guide._init_locs})[0]
-        return loc, scale, unpack
-    posterior = guide.get_posterior(params)  # (LowRank)MultivariateNormal on the flat latents
-    return posterior.loc, jnp.sqrt(posterior.variance), guide._unpack_latent
+        return numpyro.distributions.Normal(loc, scale).to_event(1), unpack
+    # (LowRank)MultivariateNormal on the flat latents
+    return guide.get_posterior(params), guide._unpack_latent
 
 
 @eqx.filter_jit
 def _scale_ratios(
     setup: _Setup, params: dict, model_args: tuple, model_kwargs: dict
 ) -> dict[str, jax.Array] | None:
-    r"""Guide marginal sd over the Laplace marginal sd at the guide's mean, per latent
-    coordinate of the fitted (auxiliary) model: :math:`r_i = s_i / \sqrt{(H^{-1})_{ii}}`,
-    :math:`H = -\nabla^2 \log p(x, z)` on the unconstrained latents at the guide's mean
-    (Jacobian included), from one Hessian-vector product per coordinate.
+    r"""Guide marginal sd over the sd implied by the posterior's curvature averaged over the
+    guide, per latent coordinate of the fitted (auxiliary) model:
+    :math:`r_i = s_i / \sqrt{(\bar H^{-1})_{ii}}`,
+    :math:`\bar H = E_q[-\nabla^2 \log p(x, z)]` on the unconstrained latents (Jacobian
+    included), from :data:`~emdppl.curvature.NUM_CURVATURE_DRAWS` guide draws.
 
-    On a Gaussian posterior the KL(q||p) optimum has :math:`r_i = 1` for a full-rank guide and
-    :math:`r_i = (H_{ii} (H^{-1})_{ii})^{-1/2} = \sqrt{1 - R_i^2}` for the mean field
-    (:math:`R_i` the multiple correlation of coordinate ``i`` with the others): :math:`r_i \ll 1`
-    is a guide squeezed across a ridge it cannot follow. Directions of non-positive curvature
-    (the guide's mean is no local mode there) are left out of :math:`H^{-1}`, which only makes
-    the Laplace sd smaller and so errs on the side of no warning. Returns
-    ``{site: array of the site's shape}``; ``None`` for guides without a Gaussian scale
-    (``auto_delta``, custom guides) and above :data:`MAX_CURVATURE_DIM` coordinates.
+    A Gaussian :math:`q` at a stationary point of the ELBO has precision :math:`\bar H` (full
+    rank) or :math:`\mathrm{diag}\,\bar H` (mean field), so :math:`r_i = 1` for a full-rank
+    guide and :math:`r_i = ((\bar H)_{ii} (\bar H^{-1})_{ii})^{-1/2} = \sqrt{1 - R_i^2}` for
+    the mean field (:math:`R_i` the multiple correlation of coordinate ``i`` with the others
+    under :math:`\bar H`), on any posterior: :math:`r_i \ll 1` is a guide squeezed across a
+    ridge it cannot follow. (The Hessian at the guide's mean alone is not enough: where the
+    posterior is nearly flat there, as along eight schools' :math:`\log\tau`, it reads a
+    healthy fit as collapsed.) Directions of non-positive curvature are left out of
+    :math:`\bar H^{-1}` (:func:`emdppl.curvature.laplace_marginal_sd`), which errs on the side
+    of no warning. Returns ``{site: array of the site's shape}``; ``None`` for guides without a
+    Gaussian scale (``auto_delta``, custom guides) and above
+    :data:`emdppl.curvature.MAX_CURVATURE_DIM` coordinates.
     """
     if setup.guide not in (
         "auto_normal",
@@ -423,23 +430,17 @@ def _scale_ratios(
     model, guide, _ = setup.build()
     with numpyro.validation_enabled(False):
         _trace(handlers.substitute(guide, data=params), jax.random.key(0), model_args, model_kwargs)
-    loc, scale, unpack = _guide_gaussian(guide, params)
-    if loc.shape[0] > MAX_CURVATURE_DIM:
+    q, unpack = _guide_gaussian(guide, params)
+    if q.event_shape[0] > MAX_CURVATURE_DIM:
         return None
 
     def neg_logdensity(x: jax.Array) -> jax.Array:
         return potential_energy(model, model_args, model_kwargs, unpack(x))
 
-    def hvp(v: jax.Array) -> jax.Array:
-        return jax.jvp(jax.grad(neg_logdensity), (loc,), (v,))[1]
-
+    draws = q.sample(jax.random.key(0), (NUM_CURVATURE_DRAWS,))
     with numpyro.validation_enabled(False):
-        hessian = jax.vmap(hvp)(jnp.eye(loc.shape[0], dtype=loc.dtype))
-    hessian = (hessian + hessian.T) / 2
-    eigenvalues, vectors = jnp.linalg.eigh(hessian)
-    curved = eigenvalues > 0
-    laplace_variance = (vectors**2) @ jnp.where(curved, 1 / jnp.where(curved, eigenvalues, 1), 0)
-    return unpack(scale / jnp.sqrt(laplace_variance))
+        neg_hessian = mean_hessian(neg_logdensity, draws)
+    return unpack(jnp.sqrt(q.variance) / laplace_marginal_sd(neg_hessian))
 
 
 class SVIResult(NamedTuple):
@@ -681,7 +682,7 @@ class SVI:
         SVIResult
             After the fit it is checked: a loss still falling at the end
             (:func:`emdppl.diagnostics.check_svi_loss`) and, for Gaussian auto guides, guide sds
-            far below the posterior's Laplace sd at the guide's mean
+            far below the sd that the posterior's curvature averaged over the guide implies
             (:func:`emdppl.diagnostics.check_guide_scales`) give one ``RuntimeWarning``, also
             in ``result.warnings``.
 

@@ -1,0 +1,66 @@
+r"""Curvature of a log density: its Hessian at a point or averaged over points, and the
+marginal sds of the Gaussian it is the precision of.
+
+This module holds :func:`hessian` (exact where JAX differentiates twice, central differences of
+the gradient where it cannot, as for a torch or Pyro log density behind a callback), its mean
+over points (:func:`mean_hessian`), and :func:`laplace_marginal_sd`, the sds
+:math:`\sqrt{(H^{-1})_{ii}}` of a Gaussian with precision :math:`H`. The Laplace
+standardisation of a density teacher and the guide-scale checks of SVI (NumPyro and Pyro
+models) are built on them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+
+__all__ = [
+    "MAX_CURVATURE_DIM",
+    "NUM_CURVATURE_DRAWS",
+    "hessian",
+    "laplace_marginal_sd",
+    "mean_hessian",
+]
+
+#: Largest number of coordinates a post-fit check forms the Hessian for (one gradient pair or
+#: Hessian-vector product per coordinate, then an eigendecomposition); larger models are not
+#: checked.
+MAX_CURVATURE_DIM = 512
+
+#: Number of guide draws the SVI guide-scale checks average the Hessian over.
+NUM_CURVATURE_DRAWS = 16
+
+
+def hessian(loss: Callable, x: jax.Array) -> jax.Array:
+    r"""The Hessian ``(d, d)`` of ``loss`` at ``x (d,)``: exact where JAX can differentiate
+    ``loss`` twice, otherwise central differences of its gradient with steps
+    :math:`\epsilon^{1/3}\max(1, |x_i|)` (a log density computed on the host, such as a torch
+    or Pyro model behind a callback, has a JAX gradient but no second derivative)."""
+    try:
+        return jax.hessian(loss)(x)
+    except ValueError:  # raised while tracing: the callback has no JVP rule
+        pass
+    h = jnp.finfo(x.dtype).eps ** (1 / 3) * jnp.maximum(1.0, jnp.abs(x))
+    grad = jax.vmap(jax.grad(loss))
+    rows = (grad(x + jnp.diag(h)) - grad(x - jnp.diag(h))) / (2 * h[:, None])
+    return 0.5 * (rows + rows.T)
+
+
+def mean_hessian(loss: Callable, points: jax.Array) -> jax.Array:
+    """The mean ``(d, d)`` of :func:`hessian` of ``loss`` over ``points (m, d)``."""
+    return jnp.mean(jax.vmap(lambda x: hessian(loss, x))(points), axis=0)
+
+
+def laplace_marginal_sd(neg_hessian: jax.Array) -> jax.Array:
+    r"""Marginal sds ``(d,)`` of the Laplace approximation with precision ``neg_hessian``
+    :math:`H = -\nabla^2 \log p` ``(d, d)``: :math:`\sqrt{(H^{-1})_{ii}}`, from the
+    eigendecomposition :math:`H = V \Lambda V^T` with the directions of non-positive curvature
+    left out (:math:`\sum_{k: \lambda_k > 0} V_{ik}^2 / \lambda_k`), which only makes the sds
+    smaller; 0 where no direction is curved."""
+    neg_hessian = 0.5 * (neg_hessian + neg_hessian.T)
+    eigenvalues, vectors = jnp.linalg.eigh(neg_hessian)
+    curved = eigenvalues > 0
+    variance = (vectors**2) @ jnp.where(curved, 1 / jnp.where(curved, eigenvalues, 1), 0)
+    return jnp.sqrt(variance)
