@@ -23,7 +23,13 @@ import numpy as np
 from emdppl import predictive
 from emdppl.base import PRNGKey, as_key, caller_stacklevel
 from emdppl.predictive import ModelData
-from emdppl.target import StaticArguments, Target, check_model_arguments, numpyro_inputs
+from emdppl.target import (
+    StaticArguments,
+    Target,
+    check_model_arguments,
+    check_static_names,
+    numpyro_inputs,
+)
 
 __all__ = ["BACKENDS", "Problem"]
 
@@ -94,7 +100,8 @@ class Problem:
         ``static`` names the arguments a NumPyro model uses as Python values, bound as
         compile-time constants (:func:`emdppl.target.numpyro_inputs`, which also makes them
         static, with a warning, when the model needs them and ``static`` is empty). A Pyro
-        model runs eagerly and sees every argument as it is: ``static`` changes nothing there.
+        model runs eagerly and sees every argument as it is: ``static`` changes nothing there
+        (its names are checked all the same).
         """
         if model_kwargs is not None and not isinstance(model_kwargs, dict):
             raise TypeError(f"model_kwargs must be a dict, got {type(model_kwargs).__name__}.")
@@ -123,6 +130,7 @@ class Problem:
             )
         elif backend == "pyro":
             check_model_arguments(model, model_args, model_kwargs)
+            check_static_names(model, model_args, model_kwargs, static)
         return cls(model, model_args, model_kwargs, bool(auxiliary), backend)
 
     @property

@@ -438,6 +438,16 @@ def _bind_static(
     return StaticArguments(model, static), tuple(positional), named
 
 
+def check_static_names(
+    model: Callable, model_args: tuple, model_kwargs: dict, static: str | Sequence[str]
+) -> None:
+    """Refuse ``static`` names that are not arguments ``model`` is given by name (the check of
+    :func:`numpyro_inputs`, for a model that binds nothing, as a Pyro model run eagerly)."""
+    names = _static_names(static)
+    if names:
+        _bind_static(model, model_args, dict(model_kwargs), names)
+
+
 class _ModelInfo(NamedTuple):
     """What one trace of a model tells before anything is compiled (Python values only)."""
 

@@ -375,6 +375,23 @@ def test_static_name_that_is_no_argument():
         emdppl.Problem.of(target, static="x")
 
 
+def test_static_names_of_a_pyro_model_are_checked_too():
+    """A Pyro model runs eagerly (static= binds nothing), but a name that is no argument is the
+    same clear error as for NumPyro, not silently ignored."""
+    torch = pytest.importorskip("torch")
+    pyro = pytest.importorskip("pyro")
+
+    def pyro_model(n, y):
+        mu = pyro.sample("mu", pyro.distributions.Normal(0.0, 1.0))
+        with pyro.plate("data", int(n)):
+            pyro.sample("y", pyro.distributions.Normal(mu, 1.0), obs=y)
+
+    kwargs = dict(n=3, y=torch.zeros(3))
+    with pytest.raises(ValueError, match=r"static=\('m',\).*\['m'\] are not arguments"):
+        emdppl.Problem.of(pyro_model, model_kwargs=kwargs, static="m")
+    assert emdppl.Problem.of(pyro_model, model_kwargs=kwargs, static="n").backend == "pyro"
+
+
 def test_latent_used_as_python_value_is_refused():
     def model(y):
         mu = numpyro.sample("mu", dist.Normal(0.0, 1.0))
