@@ -549,11 +549,15 @@ def numpyro_inputs(
 def _check_init(
     model: Callable, model_args: tuple, model_kwargs: dict, rng_key: PRNGKey, init: str | dict
 ) -> None:
-    """Refuse an unknown strategy, and values for sites the (auxiliary) model does not sample,
-    naming the sites it does."""
+    """Refuse an unknown strategy, and values for sites the (auxiliary) model does not sample
+    (enumerated discrete sites are summed out, not sampled), naming the sites it does."""
     if isinstance(init, dict):
         trace = _trace_at_init(model, model_args, model_kwargs, rng_key)
-        latents = [k for k, s in trace.items() if s["type"] == "sample" and not s["is_observed"]]
+        latents = [
+            k
+            for k, s in trace.items()
+            if s["type"] == "sample" and not s["is_observed"] and not is_enumerated(s)
+        ]
         unknown = sorted(set(init) - set(latents))
         if unknown:
             from emdppl.reparam import DECENTERED

@@ -402,3 +402,12 @@ def test_latent_used_as_python_value_is_refused():
         emdppl.Problem.of(model, model_args=(np.zeros(3),))
     with pytest.raises(ValueError, match=r"although static=\('y',\)"):
         emdppl.Problem.of(model, model_args=(np.zeros(3),), static="y")
+
+
+def test_init_values_for_an_enumerated_site_are_refused():
+    """An enumerated discrete site is summed out, not sampled: no initial value for it, and the
+    sites named in the error are the continuous ones."""
+    y = np.array([3.1, -2.9, 2.7])
+    with pytest.raises(ValueError, match=r"init values for \['k'\].*sampled sites are \[") as err:
+        emdppl.infer(mixture_enumerated, emdppl.MCMC(init={"k": 0}), model_args=(y,))
+    assert "'k'" not in str(err.value).split("sampled sites are")[1]
