@@ -11,8 +11,11 @@ Layout, lower layers first (a module imports only from the lines above it):
 
 - ``base``: ``Algorithm(init, step)``, PRNG keys, pytree helpers.
 - ``timing``: wall and compile seconds (JAX monitoring events).
-- ``sharding``: chains over devices (a ``"chain"`` mesh axis, data replicated).
+- ``sharding``: chains and distillation batches over devices (``"chain"`` / ``"batch"`` mesh
+  axes, data and parameters replicated).
 - ``distributed``: several processes as one JAX runtime (``jax.distributed``).
+- ``curvature``: Hessians (also of a host log density, by gradient differences) and the
+  marginal sds of a Laplace approximation.
 - ``diagnostics``: what Stan checks after a run (R-hat, ESS, divergences, E-BFMI, tree depth,
   step size, non-finite draws), one warning naming the sites and the fix.
 - ``driver``: :func:`run`, any Algorithm in jitted ``lax.scan`` chunks; checkpoints, resume.

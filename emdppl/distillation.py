@@ -4,7 +4,9 @@ model's posterior distilled into a one-step generator through :func:`emdppl.infe
 :func:`distill` builds the algorithm of :mod:`emdppl.emd` from a
 :class:`~emdppl.distill_config.DistillConfig`, warms up the student, runs it with
 :func:`emdppl.run` (progress bar, checkpoints, resume), checks the run (NaN stop, z drift) and
-probes E-step chains at the final parameters for ArviZ diagnostics.
+probes E-step chains at the final parameters for ArviZ diagnostics. With ``devices=`` each
+step's batch is split over a ``"batch"`` mesh axis (:mod:`emdppl.sharding`), the parameters
+replicated; the results have the same layout as on one device.
 """
 
 from __future__ import annotations
@@ -24,8 +26,9 @@ from emdppl import emd
 from emdppl import generators as generators_module
 from emdppl.base import Algorithm, PRNGKey, as_key, caller_stacklevel
 from emdppl.distill_config import DistillConfig
-from emdppl.driver import checkpoint_exists, run
+from emdppl.driver import check_checkpoint_dir, checkpoint_exists, run
 from emdppl.estep import run_chain
+from emdppl.sharding import Devices, batch_mesh, describe, replicate, to_host
 from emdppl.teachers import (
     SMOOTHINGS,
     AbstractTeacher,
@@ -91,6 +94,9 @@ class DistillResult:
         The final :class:`~emdppl.emd.EMDState`.
     config
         The :class:`~emdppl.distill_config.DistillConfig` of the run (noise range filled in).
+    devices
+        The devices the batch was split over (as strings; the default device without
+        ``devices=``), also in ``estep_idata.posterior.attrs["devices"]``.
     """
 
     generator: Any
@@ -99,6 +105,7 @@ class DistillResult:
     estep_idata: Any
     state: emd.EMDState
     config: DistillConfig | None = None
+    devices: tuple[str, ...] = ()
 
     def sample(self, rng_key: int | PRNGKey, n: int) -> jax.Array:
         """``n`` one-step draws ``g(z)`` of shape ``(n, d)`` (one network evaluation each)."""
@@ -120,6 +127,7 @@ def distill(
     rng_key: int | PRNGKey = 0,
     checkpoint_dir: str | os.PathLike | None = None,
     progress_bar: bool = True,
+    devices: Devices = None,
     **options: Any,
 ) -> DistillResult:
     r"""Distil ``teacher`` into a one-step ``generator`` by EM distillation (or Diff-Instruct).
@@ -143,9 +151,18 @@ def distill(
     rng_key
         Seed or key; every random number derives from it.
     checkpoint_dir
-        Checkpoint after every chunk and resume from it (:func:`emdppl.run`).
+        Checkpoint after every chunk and resume from it (:func:`emdppl.run`); one process only,
+        as for :class:`emdppl.MCMC` (several devices are fine).
     progress_bar
         Show progress.
+    devices
+        Where each step's batch runs (:func:`emdppl.sharding.batch_mesh`): ``None`` (the
+        default device), ``"all"``, an int (the first ``n`` of ``jax.devices()``), a list of
+        devices or a one-axis ``jax.sharding.Mesh``. The E-step chains and the student's DSM
+        draws are split evenly over a ``"batch"`` mesh axis (``batch_size`` must be a multiple
+        of the number of devices), the generator's and student's parameters and optimiser
+        states replicated, their gradients all-reduced; the result is that of one device up to
+        float round-off, and ``result.devices`` lists the devices.
 
     Returns
     -------
@@ -158,6 +175,8 @@ def distill(
     >>> x = result.sample(jax.random.key(1), 10_000)  # doctest: +SKIP
     """
     config = DistillConfig.from_options(config, **options)
+    mesh = batch_mesh(devices, config.batch_size)  # a bad spec fails here, before any tracing
+    check_checkpoint_dir(checkpoint_dir)  # the student warm-up runs before emdppl.run does
     if not isinstance(teacher, AbstractTeacher):
         emd.check_inputs(teacher, generator, student, config)  # raises the TypeError
     config = config.for_teacher(teacher)
@@ -169,12 +188,15 @@ def distill(
         student = emd.default_student(teacher, generator, k_student)
     elif hasattr(generator, "marginal_score"):
         student = None  # the generator is its own (exact) student
-    algorithm = emd.as_top_level_api(teacher, generator, student, config)
+    algorithm = emd.as_top_level_api(teacher, generator, student, config, devices=mesh)
     state = algorithm.init(generator, k_build)
-    if student is not None and config.student_warmup_steps and not checkpoint_exists(
-        checkpoint_dir
+    if (
+        student is not None
+        and config.student_warmup_steps
+        and not checkpoint_exists(checkpoint_dir)
     ):
-        warmup = Algorithm(algorithm.init, emd.build_student_kernel(config, generator, student))
+        student_kernel = emd.build_student_kernel(config, generator, student, mesh)
+        warmup = Algorithm(algorithm.init, replicate(student_kernel, mesh))
         state, _ = run(
             k_warmup,
             warmup,
@@ -195,8 +217,10 @@ def distill(
     _check_stopped(state, config, checkpoint_dir)
     history = {name: np.asarray(value) for name, value in trace._asdict().items()}
     _warn_z_drift(history["z_rms"], config.update_z)
-    kernel = algorithm.step.kernel
-    estep_idata = _probe_idata(kernel, teacher, state, k_probe) if config.num_probe_draws else None
+    kernel, devices = algorithm.step.kernel, tuple(describe(mesh))
+    estep_idata = None
+    if config.num_probe_draws:
+        estep_idata = _probe_idata(kernel, algorithm.step.teacher, state, k_probe, devices)
     return DistillResult(
         eqx.combine(state.theta, kernel.generator_static),
         None if student is None else eqx.combine(state.psi, kernel.student_static),
@@ -204,6 +228,7 @@ def distill(
         estep_idata,
         state,
         config,
+        devices,
     )
 
 
@@ -238,8 +263,11 @@ def _warn_z_drift(z_rms: np.ndarray, update_z: bool) -> None:
     )
 
 
-def _probe_idata(kernel, teacher, state: emd.EMDState, rng_key: PRNGKey) -> Any:
-    """ArviZ data of E-step chains at the final parameters, at 3 noise levels."""
+def _probe_idata(
+    kernel, teacher, state: emd.EMDState, rng_key: PRNGKey, devices: tuple[str, ...]
+) -> Any:
+    """ArviZ data of E-step chains at the final parameters, at 3 noise levels (``devices``:
+    those of the run, for ``attrs``; the probe chains are few and run replicated)."""
     from emdppl.inference_data import to_arviz
 
     config = kernel.config
@@ -253,15 +281,17 @@ def _probe_idata(kernel, teacher, state: emd.EMDState, rng_key: PRNGKey) -> Any:
         config.num_probe_chains,
         config.num_probe_draws,
     )
-    posterior = {name: np.asarray(x) for name, x in trajectory.items()}
+    posterior = {name: to_host(x) for name, x in trajectory.items()}
+    acceptance = to_host(acceptance)
     sample_stats = {}
-    if not bool(jnp.all(jnp.isnan(acceptance))):
-        sample_stats["acceptance_rate"] = np.asarray(acceptance)
+    if not np.all(np.isnan(acceptance)):
+        sample_stats["acceptance_rate"] = acceptance
     attrs = {
         "algorithm": f"emdppl.distill E-step chains ({config.method})",
         "estep_sampler": config.estep_sampler,
         "num_estep_steps": config.num_estep_steps,
         "probe_sigmas": [float(s) for s in probe_sigmas],
+        "devices": list(devices),
     }
     return to_arviz(posterior, sample_stats or None, attrs)
 
@@ -441,6 +471,9 @@ class EMD:
         ``"mlp"``.
     importance_resampling
         Resample the draws with PSIS weights (above).
+    devices
+        Split the distillation's batch over these devices (:func:`distill`'s ``devices``;
+        ``batch_size`` a multiple of their number); ``posterior.attrs["devices"]`` lists them.
     config, **options
         A :class:`~emdppl.distill_config.DistillConfig` (default :data:`POSTERIOR_CONFIG`) and
         field overrides (``num_steps=``, ``update_z=``, ...).
@@ -460,6 +493,7 @@ class EMD:
         generator: str = "sinh_arcsinh",
         smoothing: str | None = None,
         importance_resampling: bool = True,
+        devices: Devices = None,
         config: DistillConfig | None = None,
         **options: Any,
     ) -> None:
@@ -490,12 +524,14 @@ class EMD:
         self.generator = generator
         self._has_optimizer = "optimizer" in options
         self.config = DistillConfig.from_options(config or POSTERIOR_CONFIG, **options)
+        batch_mesh(devices, self.config.batch_size)  # a bad spec fails here, before any tracing
+        self.devices = devices
 
     def __repr__(self) -> str:
         return (
             f"EMD(num_samples={self.num_samples}, num_chains={self.num_chains}, "
             f"learning_rate={self.learning_rate}, sigma_max={self.sigma_max}, "
-            f"generator={self.generator!r}, config={self.config!r})"
+            f"generator={self.generator!r}, devices={self.devices!r}, config={self.config!r})"
         )
 
     def _generator(self, data_dim: int, key: PRNGKey) -> generators_module.AbstractGenerator:
@@ -519,9 +555,11 @@ class EMD:
         attrs = {"pareto_k": k, "importance_ess": float(1 / np.sum(weights**2))}
         if not (self.importance_resampling and k <= 1.0):
             kept = log_weights[: self.num_samples].reshape(self.num_chains, -1)
-            return pool[: self.num_samples], {**attrs, "importance_resampled": 0}, {
-                "log_weight": kept
-            }
+            return (
+                pool[: self.num_samples],
+                {**attrs, "importance_resampled": 0},
+                {"log_weight": kept},
+            )
         p = jnp.asarray(weights)
         index = jax.random.choice(k_resample, pool_size, (self.num_samples,), p=p)
         return pool[index], {**attrs, "importance_resampled": 1}, None
@@ -547,7 +585,12 @@ class EMD:
         if self.smoothing == "none":
             generator = OwnDensityStudent(generator)
         result = distill(
-            teacher, generator, config=config, rng_key=k_distill, progress_bar=progress_bar
+            teacher,
+            generator,
+            config=config,
+            rng_key=k_distill,
+            progress_bar=progress_bar,
+            devices=self.devices,
         )
         draws, importance, sample_stats = self._draws(teacher, result.generator, k_sample)
         positions = jax.vmap(teacher.position)(draws)
@@ -562,6 +605,7 @@ class EMD:
             "noise_cancellation": config.noise_cancellation,
             "num_skipped_steps": int(result.state.num_skipped),
             "auxiliary": int(problem.is_auxiliary),
+            "devices": list(result.devices),
         }
         attrs.update(importance)
         estep = result.estep_idata.posterior if result.estep_idata is not None else None

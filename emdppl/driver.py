@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 from emdppl.base import Algorithm, PRNGKey, PyTree, as_key
 from emdppl.sharding import place, to_host
 
-__all__ = ["checkpoint_exists", "load_state", "run"]
+__all__ = ["check_checkpoint_dir", "checkpoint_exists", "load_state", "run"]
 
 _CHECKPOINT = "checkpoint.json"
 
@@ -66,6 +66,16 @@ def _chunk_length(num_records: int, target: int) -> int:
     unless that divisor is tiny, in which case ``target`` with a shorter last chunk."""
     best = max(d for d in range(1, min(num_records, target) + 1) if num_records % d == 0)
     return best if best * 4 >= min(num_records, target) else min(num_records, target)
+
+
+def check_checkpoint_dir(checkpoint_dir: str | os.PathLike | None) -> None:
+    """Refuse checkpoints in a run over several processes (``jax.distributed``), before
+    anything heavy runs: not supported yet."""
+    if checkpoint_dir is not None and jax.process_count() > 1:
+        raise ValueError(
+            "checkpoint_dir with several processes (jax.distributed) is not supported yet: run "
+            "without checkpoints, or in one process (several devices are fine)."
+        )
 
 
 def run(
@@ -124,11 +134,7 @@ def run(
         raise ValueError(
             f"num_steps={num_steps} must be >= 0 and a multiple of thinning={thinning} (>= 1)."
         )
-    if checkpoint_dir is not None and jax.process_count() > 1:
-        raise ValueError(
-            "checkpoint_dir with several processes (jax.distributed) is not supported yet: run "
-            "without checkpoints, or in one process (several devices are fine)."
-        )
+    check_checkpoint_dir(checkpoint_dir)
     rng_key = as_key(rng_key)
     num_records = num_steps // thinning
     if num_records == 0:

@@ -26,6 +26,13 @@ cancellation; its gradient is exactly ``estep_step_size`` times the reverse-KL (
 As in blackjax, the kernel takes the teacher per call, ``kernel(rng_key, state, teacher)``; the
 generator's and student's parameters are in the state (both are trained), their static
 structure and the :class:`~emdppl.distill_config.DistillConfig` are fixed when it is built.
+
+**Several devices** (a ``"batch"`` mesh, :func:`emdppl.sharding.batch_mesh`): the batch drawn
+in a step (E-step ``sigma, eps, z`` and the student's DSM draws, leading axis ``B``) is split
+over the mesh, ``B / num_devices`` per device, while the state (parameters, optimiser states)
+stays replicated; ``jit`` turns the batch sums of the gradients into all-reduces. With
+partitionable threefry keys (JAX's default) the draws, and so the run, are those of one device
+up to float reassociation.
 """
 
 from __future__ import annotations
@@ -36,6 +43,7 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import optax
+from jax.sharding import Mesh
 
 from emdppl import generators as generators_module
 from emdppl import schedule
@@ -44,6 +52,7 @@ from emdppl.distill_config import DistillConfig
 from emdppl.estep import EStepTarget, draw, estep, sampler_parameters
 from emdppl.losses import dsm_loss, generator_loss
 from emdppl.samplers import get_sampler
+from emdppl.sharding import Devices, batch_mesh, constrain_leading, constrain_replicated, replicate
 from emdppl.teachers import AbstractTeacher, DiffusionModel, EDMNetwork
 
 __all__ = [
@@ -112,6 +121,12 @@ class EMDInfo(NamedTuple):
     nonfinite_chains: jax.Array
 
 
+def _not_measured(x: jax.ShapeDtypeStruct) -> jax.Array:
+    """NaN of ``x``'s shape and dtype, or -1 for an integer (a count) and False for a flag."""
+    fill = jnp.nan if jnp.issubdtype(x.dtype, jnp.inexact) else (-1 if x.dtype != bool else False)
+    return jnp.full(x.shape, fill, x.dtype)
+
+
 def _finite_mean(values: jax.Array, finite: jax.Array) -> jax.Array:
     """Mean of ``values (B,)`` over the chains marked ``finite`` (NaN when there is none)."""
     return jnp.sum(jnp.where(finite, values, 0.0)) / jnp.sum(finite)
@@ -145,10 +160,17 @@ class _Networks(eqx.Module):
     sampler_parameters: dict
     latent_dim: int = eqx.field(static=True)
     data_dim: int = eqx.field(static=True)
+    mesh: Mesh | None = eqx.field(static=True, default=None)
 
     def generate(self, theta: PyTree, z: jax.Array) -> jax.Array:
         """:math:`g_\\theta(z)`, ``z (latent_dim,) -> (d,)``."""
         return generators_module.apply(theta, self.generator_static, z)
+
+    def draw_batch(self, rng_key: PRNGKey) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """``(sigma (B,), eps0 (B, d), z0 (B, latent_dim))`` of :func:`emdppl.estep.draw`, split
+        over the mesh's batch axis (when there is a mesh)."""
+        batch = draw(rng_key, self.config, self.data_dim, self.latent_dim)
+        return constrain_leading(batch, self.mesh)
 
     def estep_target(self, teacher: AbstractTeacher, theta: PyTree, psi: PyTree) -> EStepTarget:
         generator = eqx.combine(theta, self.generator_static)
@@ -171,15 +193,18 @@ class _Networks(eqx.Module):
         def one(carry, key):
             psi, opt_state = carry
             k_z, k_sigma, k_noise = jax.random.split(key, 3)
-            z = jax.random.normal(k_z, (*shape, self.latent_dim))
+            z = constrain_leading(jax.random.normal(k_z, (*shape, self.latent_dim)), self.mesh)
             x = jax.lax.stop_gradient(jax.vmap(lambda z: self.generate(theta, z))(z))
             sigma = schedule.sample_log_uniform(k_sigma, shape, config.sigma_min, config.sigma_max)
-            noise = jax.random.normal(k_noise, x.shape)
+            sigma, noise = constrain_leading(
+                (sigma, jax.random.normal(k_noise, x.shape)), self.mesh
+            )
             loss, grads = jax.value_and_grad(
                 lambda p: dsm_loss(eqx.combine(p, self.student_static), x, sigma, noise)
             )(psi)
             updates, opt_state = config.student_optimizer.update(grads, opt_state, psi)
-            return (optax.apply_updates(psi, updates), opt_state), loss
+            carry = constrain_replicated((optax.apply_updates(psi, updates), opt_state), self.mesh)
+            return carry, loss
 
         keys = jax.random.split(rng_key, num_updates)
         (psi, psi_opt_state), losses = jax.lax.scan(one, (psi, psi_opt_state), keys)
@@ -197,8 +222,7 @@ class _Kernel(_Networks):
 
         def stopped(rng_key, state):  # a no-op with info of the same dtypes (x64 too)
             _, info = jax.eval_shape(update, rng_key, state)
-            nan = jax.tree.map(lambda x: jnp.full(x.shape, jnp.nan, x.dtype), info)
-            return state, nan._replace(is_skipped=jnp.asarray(True))
+            return state, jax.tree.map(_not_measured, info)._replace(is_skipped=jnp.asarray(True))
 
         is_stopped = state.consecutive_skipped >= self.config.max_consecutive_nan
         return jax.lax.cond(is_stopped, stopped, update, rng_key, state)
@@ -209,7 +233,7 @@ class _Kernel(_Networks):
         psi, psi_opt_state, student_loss = self.update_student(
             k_student, state.theta, state.psi, state.psi_opt_state, config.student_updates_per_step
         )
-        sigma, eps0, z0 = draw(k_draw, config, self.data_dim, self.latent_dim)
+        sigma, eps0, z0 = self.draw_batch(k_draw)
         target = self.estep_target(teacher, state.theta, psi)
         result = estep(k_chain, config, target, sigma, eps0, z0, self.sampler_parameters)
         # A chain that blew up (a score NaN far in a tail) is left out of this M-step, and the
@@ -241,6 +265,7 @@ class _Kernel(_Networks):
             num_skipped=state.num_skipped + 1, consecutive_skipped=state.consecutive_skipped + 1
         )
         state = jax.tree.map(lambda a, b: jnp.where(is_finite, a, b), new, skipped)
+        state = constrain_replicated(state, self.mesh)
         info = EMDInfo(
             loss=loss,
             grad_norm=grad_norm,
@@ -263,7 +288,8 @@ class _StudentKernel(_Networks):
         psi, psi_opt_state, loss = self.update_student(
             rng_key, state.theta, state.psi, state.psi_opt_state, 1
         )
-        return state._replace(psi=psi, psi_opt_state=psi_opt_state), loss
+        state = state._replace(psi=psi, psi_opt_state=psi_opt_state)
+        return constrain_replicated(state, self.mesh), loss
 
 
 def _networks(
@@ -271,6 +297,7 @@ def _networks(
     config: DistillConfig,
     generator: generators_module.AbstractGenerator,
     student: DiffusionModel | None,
+    mesh: Mesh | None,
 ) -> Any:
     _, generator_static = generators_module.partition(generator)
     student_static = (
@@ -278,32 +305,37 @@ def _networks(
     )
     d, latent_dim = generator.data_dim, generator.latent_dim
     parameters = sampler_parameters(config, d, latent_dim)
-    return cls(config, generator_static, student_static, parameters, latent_dim, d)
+    return cls(config, generator_static, student_static, parameters, latent_dim, d, mesh)
 
 
 def build_kernel(
     config: DistillConfig,
     generator: generators_module.AbstractGenerator,
     student: DiffusionModel | None = None,
+    mesh: Mesh | None = None,
 ):
     """The EMD kernel ``kernel(rng_key, state, teacher) -> (state, EMDInfo)``.
 
     ``generator`` and ``student`` give the static structure only (their parameters are in the
     state); ``config`` must have its ``sigma_range`` set (:meth:`DistillConfig.for_teacher`).
-    The kernel is an equinox module: two kernels built from equal settings compare equal, so
-    jitted code is reused.
+    ``mesh`` (:func:`emdppl.sharding.batch_mesh`): split the batch over its devices, keep the
+    state replicated; the state and teacher passed in should be replicated on it
+    (:func:`emdppl.sharding.replicate`). The kernel is an equinox module: two kernels built
+    from equal settings compare equal, so jitted code is reused.
     """
-    return _networks(_Kernel, config, generator, student)
+    return _networks(_Kernel, config, generator, student, mesh)
 
 
 def build_student_kernel(
     config: DistillConfig,
     generator: generators_module.AbstractGenerator,
     student: DiffusionModel | None = None,
+    mesh: Mesh | None = None,
 ):
     """The student warm-up kernel ``kernel(rng_key, state) -> (state, dsm_loss)``: one DSM
-    update of the student on draws of the current generator (run before the first EMD step)."""
-    return _networks(_StudentKernel, config, generator, student)
+    update of the student on draws of the current generator (run before the first EMD step);
+    ``mesh`` as in :func:`build_kernel`."""
+    return _networks(_StudentKernel, config, generator, student, mesh)
 
 
 def default_student(
@@ -367,13 +399,15 @@ class _Step(eqx.Module):
 
 
 class _Init(eqx.Module):
-    """``init(generator, rng_key)``: the state at ``generator`` with the bound student."""
+    """``init(generator, rng_key)``: the state at ``generator`` with the bound student,
+    replicated on the mesh's devices (when there is a mesh)."""
 
     student: Any
     config: DistillConfig = eqx.field(static=True)
+    mesh: Mesh | None = eqx.field(static=True, default=None)
 
     def __call__(self, generator: Any, rng_key: PRNGKey | None = None) -> EMDState:
-        return init(generator, self.student, self.config)
+        return replicate(init(generator, self.student, self.config), self.mesh)
 
 
 def as_top_level_api(
@@ -381,11 +415,15 @@ def as_top_level_api(
     generator: generators_module.AbstractGenerator,
     student: DiffusionModel | None = None,
     config: DistillConfig | None = None,
+    devices: Devices = None,
 ) -> Algorithm:
     """EMD of ``teacher`` into ``generator``'s family as an :class:`~emdppl.base.Algorithm`.
 
     ``init(generator, rng_key) -> EMDState``; ``step(rng_key, state) -> (state, EMDInfo)``.
-    ``config`` defaults to ``DistillConfig()`` with the teacher's noise range.
+    ``config`` defaults to ``DistillConfig()`` with the teacher's noise range. ``devices``
+    (:func:`emdppl.sharding.batch_mesh`: ``None``, ``"all"``, an int, a list of devices or a
+    one-axis ``Mesh``): split each step's batch over them, ``config.batch_size`` a multiple of
+    their number; the teacher and the states ``init`` returns are replicated on them.
 
     Examples
     --------
@@ -396,5 +434,7 @@ def as_top_level_api(
     """
     config = (DistillConfig() if config is None else config).for_teacher(teacher)
     check_inputs(teacher, generator, student, config)
-    kernel = build_kernel(config, generator, student)
-    return Algorithm(init=_Init(student, config), step=_Step(kernel, teacher))
+    mesh = batch_mesh(devices, config.batch_size)
+    kernel = build_kernel(config, generator, student, mesh)
+    step = replicate(_Step(kernel, teacher), mesh)
+    return Algorithm(init=_Init(replicate(student, mesh), config, mesh), step=step)

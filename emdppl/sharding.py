@@ -1,12 +1,18 @@
-"""Chains over devices with JAX's own sharding: a ``"chain"`` mesh axis, data replicated.
+"""Chains and batches over devices with JAX's own sharding: a one-axis mesh, data replicated.
 
 :func:`chain_mesh` turns the ``devices=`` argument of :class:`emdppl.MCMC` into a one-axis
 :class:`jax.sharding.Mesh`; :func:`shard_chains` places arrays with a leading chain axis as
 ``NamedSharding(mesh, P("chain"))`` (each device holds ``num_chains / num_devices`` chains) and
 :func:`replicate` places everything else (data, parameters) on every device. ``jit`` then
 partitions warm-up and sampling by the shardings of its inputs: chains are independent, so the
-compiled program has no collectives. Under ``jax.distributed`` (several processes) the mesh
-spans the devices of every process (``jax.devices()``).
+compiled program has no collectives.
+
+:func:`batch_mesh` does the same for EM distillation (:func:`emdppl.distill`,
+:class:`emdppl.EMD`) over a ``"batch"`` axis: the batch is drawn inside the jitted step, so
+:func:`constrain_leading` splits it there (``with_sharding_constraint``) while the parameters
+and optimiser states stay replicated (:func:`constrain_replicated`); the batch sums of the
+gradients become all-reduces (data parallelism). Under ``jax.distributed`` (several processes)
+a mesh spans the devices of every process (``jax.devices()``).
 """
 
 from __future__ import annotations
@@ -22,9 +28,14 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from emdppl.base import PyTree
 
 __all__ = [
+    "BATCH_AXIS",
     "CHAIN_AXIS",
+    "batch_mesh",
     "chain_mesh",
+    "constrain_leading",
+    "constrain_replicated",
     "describe",
+    "device_mesh",
     "place",
     "replicate",
     "shard_chains",
@@ -32,21 +43,44 @@ __all__ = [
 ]
 
 CHAIN_AXIS = "chain"
+BATCH_AXIS = "batch"
 
 #: What ``devices=`` accepts, besides a :class:`~jax.sharding.Mesh`.
 Devices = None | str | int | Sequence[Any] | Mesh
 
 
 def chain_mesh(devices: Devices, num_chains: int) -> Mesh | None:
-    """The mesh for ``devices``: ``None`` (the default device, no mesh), ``"all"``
-    (``jax.devices()``), an int ``n`` (the first ``n``), a list of devices, or a one-axis
-    ``Mesh`` (its axis becomes the chain axis). ``num_chains`` must be a multiple of the
-    number of devices: each device runs the same number of chains.
+    """The mesh of :class:`emdppl.MCMC`'s chains: :func:`device_mesh` with the axis
+    ``"chain"``; ``num_chains`` must be a multiple of the number of devices (each device runs
+    the same number of chains)."""
+    return device_mesh(devices, CHAIN_AXIS, num_chains, "num_chains", "chains")
+
+
+def batch_mesh(devices: Devices, batch_size: int) -> Mesh | None:
+    """The mesh of EM distillation's batch (:func:`emdppl.distill`): :func:`device_mesh` with
+    the axis ``"batch"``; ``batch_size`` must be a multiple of the number of devices (each
+    device runs the same number of E-step chains and student draws).
+
+    Examples
+    --------
+    >>> mesh = emdppl.sharding.batch_mesh("all", 1024)  # doctest: +SKIP
+    >>> mesh.axis_names, mesh.devices.size  # doctest: +SKIP
+    (('batch',), 4)
+    """
+    return device_mesh(devices, BATCH_AXIS, batch_size, "batch_size", "draws of the batch")
+
+
+def device_mesh(devices: Devices, axis: str, size: int, name: str, what: str) -> Mesh | None:
+    """A one-axis mesh named ``axis`` for ``devices``: ``None`` (the default device, no mesh),
+    ``"all"`` (``jax.devices()``), an int ``n`` (the first ``n``), a list of devices, or a
+    one-axis ``Mesh`` (its axis renamed ``axis``). ``size`` (the length of the axis to split,
+    called ``name`` in errors; ``what`` says what it counts) must be a multiple of the number
+    of devices.
 
     Raises
     ------
     ValueError
-        For an unknown spec, more devices than exist, or chains that do not divide evenly.
+        For an unknown spec, more devices than exist, or a size that does not divide evenly.
     """
     if devices is None:
         return None
@@ -54,7 +88,7 @@ def chain_mesh(devices: Devices, num_chains: int) -> Mesh | None:
     if isinstance(devices, Mesh):
         if devices.devices.ndim != 1:
             raise ValueError(
-                f"devices: a Mesh with one axis is needed (chains over it), got axes "
+                f"devices: a Mesh with one axis is needed ({what} over it), got axes "
                 f"{devices.axis_names}."
             )
         chosen = list(devices.devices.flat)
@@ -71,24 +105,26 @@ def chain_mesh(devices: Devices, num_chains: int) -> Mesh | None:
                 "--xla_force_host_platform_device_count=N before JAX starts."
             )
         chosen = available[:devices]
-    elif isinstance(devices, Sequence) and devices and all(
-        isinstance(d, jax.Device) for d in devices
+    elif (
+        isinstance(devices, Sequence)
+        and devices
+        and all(isinstance(d, jax.Device) for d in devices)
     ):
         chosen = list(devices)
     else:
         raise ValueError(usage)
-    if num_chains % len(chosen):
-        rounded = len(chosen) * -(-num_chains // len(chosen))
+    if size % len(chosen):
+        rounded = len(chosen) * -(-size // len(chosen))
         raise ValueError(
-            f"num_chains={num_chains} is not a multiple of the {len(chosen)} devices: every device "
-            f"runs the same number of chains. Use num_chains={rounded} or fewer devices."
+            f"{name}={size} is not a multiple of the {len(chosen)} devices: every device "
+            f"runs the same number of {what}. Use {name}={rounded} or fewer devices."
         )
-    return Mesh(np.asarray(chosen), (CHAIN_AXIS,))
+    return Mesh(np.asarray(chosen), (axis,))
 
 
 def shard_chains(tree: PyTree, mesh: Mesh | None) -> PyTree:
-    """The arrays of ``tree`` (leading axis: chains) split over ``mesh``'s chain axis; other
-    leaves as they are. ``mesh=None``: ``tree`` unchanged."""
+    """The arrays of ``tree`` (leading axis: chains, or a batch) split over ``mesh``'s axis;
+    other leaves as they are. ``mesh=None``: ``tree`` unchanged."""
     if mesh is None:
         return tree
     sharding = NamedSharding(mesh, PartitionSpec(mesh.axis_names[0]))
@@ -102,6 +138,29 @@ def replicate(tree: PyTree, mesh: Mesh | None) -> PyTree:
         return tree
     sharding = NamedSharding(mesh, PartitionSpec())
     return jax.tree.map(lambda x: place(x, sharding) if eqx.is_array(x) else x, tree)
+
+
+def constrain_leading(tree: PyTree, mesh: Mesh | None) -> PyTree:
+    """Inside ``jit``: the arrays of ``tree`` (leading axis: a batch) constrained to be split
+    over ``mesh``'s axis (``jax.lax.with_sharding_constraint``), so the work on them is
+    partitioned and reductions over the batch become all-reduces. ``mesh=None``: unchanged."""
+    if mesh is None:
+        return tree
+    return _constrain(tree, NamedSharding(mesh, PartitionSpec(mesh.axis_names[0])))
+
+
+def constrain_replicated(tree: PyTree, mesh: Mesh | None) -> PyTree:
+    """Inside ``jit``: the arrays of ``tree`` (parameters, optimiser states) constrained to be
+    the same on every device of ``mesh``. ``mesh=None``: unchanged."""
+    if mesh is None:
+        return tree
+    return _constrain(tree, NamedSharding(mesh, PartitionSpec()))
+
+
+def _constrain(tree: PyTree, sharding: NamedSharding) -> PyTree:
+    return jax.tree.map(
+        lambda x: jax.lax.with_sharding_constraint(x, sharding) if eqx.is_array(x) else x, tree
+    )
 
 
 def place(x: Any, sharding: jax.sharding.Sharding) -> jax.Array:

@@ -1,7 +1,7 @@
 """The benchmark scripts run end to end (``--smoke``) and write JSON with finite numbers.
 
-Both scripts start together in subprocesses (each spends most of its time compiling), so the
-pair takes about as long as the slower one: 2-3 minutes on 2 cores.
+The scripts start together in subprocesses (each spends most of its time compiling), so the
+set takes about as long as the slowest one: 2-3 minutes on 2 cores.
 """
 
 import json
@@ -14,6 +14,7 @@ import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 SCRIPTS = {
+    "first_call": ("results",),
     "nuts_speed": ("results",),
     "samplers": ("rows", "aux_vs_centered"),
 }

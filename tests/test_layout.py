@@ -19,7 +19,7 @@ ROOT = Path(emdppl.__file__).parent
 #: excepted). Must match the layout in ``emdppl/__init__.py``.
 LAYERS = [
     ["base"],
-    ["timing", "sharding", "distributed"],
+    ["timing", "sharding", "distributed", "curvature"],
     ["diagnostics"],
     ["driver"],
     ["initialization"],
