@@ -16,6 +16,7 @@ Layout, lower layers first (a module imports only from the lines above it):
 - ``distributed``: several processes as one JAX runtime (``jax.distributed``).
 - ``curvature``: Hessians (also of a host log density, by gradient differences) and the
   marginal sds of a Laplace approximation.
+- ``datasets``: sklearn's bundled 8x8 digits, split with a seed.
 - ``diagnostics``: what Stan checks after a run (R-hat, ESS, divergences, E-BFMI, tree depth,
   step size, non-finite draws), one warning naming the sites and the fix.
 - ``driver``: :func:`run`, any Algorithm in jitted ``lax.scan`` chunks; checkpoints, resume.
@@ -35,6 +36,8 @@ Layout, lower layers first (a module imports only from the lines above it):
 - ``schedule``: the VE/EDM noise schedule and the teachers' ODE samplers.
 - ``losses``: denoising score matching, the M-step surrogate, its weighting.
 - ``teachers``, ``generators``: scores to distil; one-step generators.
+- ``networks``, ``image_metrics``: an image denoiser network; FID, precision/recall and class
+  coverage by a digits classifier trained here.
 - ``distill_config``: :class:`DistillConfig`, every distillation setting, validated and frozen.
 - ``estep``: the E-step chains over the generator's latents, pure functions.
 - ``emd``: EM distillation as ``init`` / ``build_kernel`` / ``as_top_level_api``.

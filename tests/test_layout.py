@@ -19,7 +19,7 @@ ROOT = Path(emdppl.__file__).parent
 #: excepted). Must match the layout in ``emdppl/__init__.py``.
 LAYERS = [
     ["base"],
-    ["timing", "sharding", "distributed", "curvature"],
+    ["timing", "sharding", "distributed", "curvature", "datasets"],
     ["diagnostics"],
     ["driver"],
     ["initialization"],
@@ -38,6 +38,7 @@ LAYERS = [
     ["schedule"],
     ["losses"],
     ["teachers"],
+    ["networks", "image_metrics"],
     ["bridge.torch_teacher"],
     ["generators"],
     ["distill_config"],
