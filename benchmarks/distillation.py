@@ -30,7 +30,8 @@ if __package__ in (None, ""):
 import emdppl  # noqa: E402
 from benchmarks import common  # noqa: E402
 from emdppl import demo, teachers  # noqa: E402
-from emdppl.demo import energy_distance, mode_metrics, seconds_per_10k, teacher_draws  # noqa: E402
+from emdppl.demo import energy_distance, mode_metrics, teacher_draws  # noqa: E402
+from emdppl.timing import seconds_per_10k  # noqa: E402
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402

@@ -45,7 +45,8 @@ Layout, lower layers first (a module imports only from the lines above it):
 - ``infer``: :func:`infer`, one call for every algorithm.
 - ``bridge/``: torch and Pyro, imported lazily (callback, torch teacher, Pyro model, target,
   predictive, SVI).
-- ``models``, ``demo``, ``cli``: the bundled eight schools, ``emdppl demo``, the command line.
+- ``models``, ``digits``, ``demo``, ``cli``: the bundled eight schools, the digits
+  distillation experiment, ``emdppl demo``, the command line.
 """
 
 from emdppl.distributed import initialize_from_environment

@@ -17,7 +17,6 @@ import json
 import threading
 import time
 import warnings
-from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -28,9 +27,10 @@ import numpy as np
 import optax
 
 import emdppl
-from emdppl import generators, schedule, teachers
+from emdppl import digits, generators, schedule, teachers
 from emdppl.base import as_key
 from emdppl.models import EIGHT_SCHOOLS, eight_schools
+from emdppl.timing import seconds_per_10k
 
 __all__ = [
     "DISTILL_OPTIONS",
@@ -41,7 +41,6 @@ __all__ = [
     "format_table",
     "run_all",
     "run_demo",
-    "seconds_per_10k",
     "teacher_draws",
 ]
 
@@ -112,17 +111,6 @@ def energy_distance(x: jax.Array, y: jax.Array) -> jax.Array:
         return jnp.mean(jnp.sqrt(jnp.sum((a[:, None] - b[None]) ** 2, -1) + 1e-12))
 
     return 2 * mean_dist(x, y) - mean_dist(x, x) - mean_dist(y, y)
-
-
-def seconds_per_10k(sample_fn: Callable[[Any], Any], rng_key: Any) -> float:
-    """Wall seconds of a warm call of ``sample_fn(rng_key) -> draws`` (10k of them, by the caller).
-
-    A first call on ``rng_key`` compiles; the timed call is on ``fold_in(rng_key, 1)``.
-    """
-    jax.block_until_ready(sample_fn(rng_key))  # compile
-    start = time.perf_counter()
-    jax.block_until_ready(sample_fn(jax.random.fold_in(rng_key, 1)))
-    return time.perf_counter() - start
 
 
 def _row(teacher, x, exact, nfe, seconds, extra=None) -> dict:
@@ -347,10 +335,13 @@ def eight_schools_demo(out_dir: Path, *, smoke: bool = False, rng_key: int = 0) 
 
 
 def run_all(out_dir: Path, *, smoke: bool = False, rng_key: int = 0) -> dict:
-    """Both demos (``emdppl demo``): print their headline numbers, write ``demo_metrics.json``.
+    """The demos (``emdppl demo``): print their headline numbers, write ``demo_metrics.json``.
 
-    Returns ``{"eight_schools": eight_schools_demo(...), "distillation": run_demo(...)}``.
+    Returns ``{"eight_schools": eight_schools_demo(...), "distillation": run_demo(...),
+    "digits": run_digits(...)}``: the digits experiment of :mod:`emdppl.digits` at its
+    ``"demo"`` scale (``"smoke"`` with ``smoke=True``), JAX teacher only, in ``out_dir/digits``.
     """
+
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     # The two parts are independent: run them in two threads, so that their (XLA, GIL-free)
@@ -360,13 +351,25 @@ def run_all(out_dir: Path, *, smoke: bool = False, rng_key: int = 0) -> dict:
             run_demo, out_dir, smoke=smoke, rng_key=rng_key, progress_bar=True
         )
         schools = eight_schools_demo(out_dir, smoke=smoke, rng_key=rng_key)
-        metrics = {"eight_schools": schools, "distillation": distillation.result()}
+        images = digits.run_digits(
+            out_dir / "digits",
+            scale="smoke" if smoke else "demo",
+            rng_key=rng_key,
+            torch_teacher=False,
+            progress_bar=True,
+        )
+        metrics = {
+            "eight_schools": schools,
+            "distillation": distillation.result(),
+            "digits": images,
+        }
     for form, m in metrics["eight_schools"].items():
         print(
             f"eight schools NUTS, {form:9}: {m['divergences']:3d} divergences, max R-hat "
             f"{m['max_r_hat']:.2f}, min bulk ESS {m['min_ess_bulk']:.0f}, tau {m['tau_mean']:.2f}"
         )
     print(format_table(metrics["distillation"]))
+    print(digits.format_table(metrics["digits"]))
     (out_dir / "demo_metrics.json").write_text(json.dumps(metrics, indent=2, default=str))
     print(f"wrote {sorted(p.name for p in out_dir.iterdir())} to {out_dir}")
     return metrics

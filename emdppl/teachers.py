@@ -23,6 +23,7 @@ Wrapping your own denoiser network ``net(x_in, c_noise) -> F`` (EDM's raw networ
 from __future__ import annotations
 
 import abc
+import os
 from collections.abc import Callable
 from typing import Any
 
@@ -35,6 +36,7 @@ from jax.flatten_util import ravel_pytree
 
 from emdppl import schedule
 from emdppl.base import Algorithm, PRNGKey, as_key
+from emdppl.curvature import hessian
 from emdppl.driver import run
 from emdppl.losses import dsm_loss
 
@@ -310,6 +312,7 @@ def train_diffusion(
     batch_size: int = 512,
     learning_rate: float = 1e-3,
     progress_bar: bool = True,
+    checkpoint_dir: str | os.PathLike | None = None,
 ) -> DiffusionModel:
     r"""Train a diffusion teacher on ``data`` by EDM denoising score matching.
 
@@ -325,6 +328,10 @@ def train_diffusion(
         Raw network ``F(x_in, c_noise)``; default :class:`EDMNetwork`.
     batch_size, learning_rate
         Minibatch size and peak learning rate.
+    progress_bar
+        Show a tqdm bar.
+    checkpoint_dir
+        Checkpoint after every chunk and resume from it (:func:`emdppl.run`).
 
     Returns
     -------
@@ -361,6 +368,7 @@ def train_diffusion(
         algorithm.init(params, init_key),
         progress_bar=progress_bar,
         desc="training teacher",
+        checkpoint_dir=checkpoint_dir,
     )
     return eqx.combine(params, static)
 
@@ -551,22 +559,7 @@ def _laplace(logdensity_fn: Callable, unravel_fn: Callable, x0: jax.Array, num_s
         return (optax.apply_updates(x, updates), state), None
 
     (x, _), _ = jax.lax.scan(step, (x0, optimizer.init(x0)), None, length=num_steps)
-    return x, -loss(x), _hessian(loss, x)
-
-
-def _hessian(loss: Callable, x: jax.Array) -> jax.Array:
-    r"""The Hessian ``(d, d)`` of ``loss`` at ``x (d,)``: exact where JAX can differentiate
-    ``loss`` twice, otherwise central differences of its gradient with steps
-    :math:`\epsilon^{1/3}\max(1, |x_i|)` (a log density computed on the host, such as a torch
-    or Pyro model behind a callback, has a JAX gradient but no second derivative)."""
-    try:
-        return jax.hessian(loss)(x)
-    except ValueError:  # raised while tracing: the callback has no JVP rule
-        pass
-    h = jnp.finfo(x.dtype).eps ** (1 / 3) * jnp.maximum(1.0, jnp.abs(x))
-    grad = jax.vmap(jax.grad(loss))
-    rows = (grad(x + jnp.diag(h)) - grad(x - jnp.diag(h))) / (2 * h[:, None])
-    return 0.5 * (rows + rows.T)
+    return x, -loss(x), hessian(loss, x)
 
 
 def laplace_standardization(

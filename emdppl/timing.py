@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from typing import Any
 
 import jax
 
-__all__ = ["Stopwatch", "stopwatch"]
+__all__ = ["Stopwatch", "seconds_per_10k", "stopwatch"]
 
 _COMPILE_EVENTS = (
     "/jax/core/compile/jaxpr_trace_duration",
@@ -51,3 +52,14 @@ def stopwatch() -> Iterator[Stopwatch]:
     finally:
         watch.wall_seconds = time.perf_counter() - start
         watch.compile_seconds = _compile_total[0] - compile_start
+
+
+def seconds_per_10k(sample_fn: Callable[[Any], Any], rng_key: Any) -> float:
+    """Wall seconds of a warm call of ``sample_fn(rng_key) -> draws`` (10k of them, by the caller).
+
+    A first call on ``rng_key`` compiles; the timed call is on ``fold_in(rng_key, 1)``.
+    """
+    jax.block_until_ready(sample_fn(rng_key))  # compile
+    start = time.perf_counter()
+    jax.block_until_ready(sample_fn(jax.random.fold_in(rng_key, 1)))
+    return time.perf_counter() - start

@@ -53,3 +53,8 @@ def test_demo_smoke_writes_tables_plots_and_metrics(tmp_path, capsys):
     assert rows["ddim_nfe1"]["off_mode_fraction"] > 0.9
     for name in ("panel.png", "eight_schools_auxiliary_rank.png", "estep_summary_ring8_emd.csv"):
         assert (tmp_path / name).stat().st_size > 0
+    # the digits experiment, smoke-sized: measured rows, the grid
+    digits = metrics["digits"]
+    assert {"floor", "teacher_heun_nfe35", "diff_instruct", "emd"} <= set(digits)
+    assert digits["floor"]["fid"] < digits["emd"]["fid"]
+    assert (tmp_path / "digits" / "grid.png").stat().st_size > 0

@@ -47,6 +47,7 @@ LAYERS = [
     ["distillation"],
     ["infer"],
     ["models", "pyro"],
+    ["digits"],
     ["demo"],
     ["cli"],
 ]
