@@ -487,8 +487,8 @@ def run_digits(
 
 @contextlib.contextmanager
 def _one_torch_thread():
-    """Run torch on one intra-op thread: the twin is small, and on 2 shared CPU cores two
-    threads ran its training 7x slower (300 steps: 18.2 s against 2.5 s)."""
+    """Run torch on one intra-op thread: the twin is too small to gain from more, and torch's
+    threads compete with JAX's for the cores (``benchmarks/README.md``, digits)."""
     import torch
 
     num_threads = torch.get_num_threads()
