@@ -4,7 +4,8 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml constraints.txt | cksum | cut -d' ' -f1)
 DOCS_STAMP := $(VENV)/.docs-$(shell cat pyproject.toml constraints.txt | cksum | cut -d' ' -f1)
-# Compiled XLA programs are cached across runs (NUTS and friends take seconds to compile).
+# Compiled XLA programs are cached across runs of the demo (NUTS and friends take seconds to
+# compile); the tests run without the cache (tests/conftest.py says why).
 export JAX_COMPILATION_CACHE_DIR ?= $(HOME)/.cache/emdppl/xla
 export JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS ?= 1
 # A size limit is what makes JAX lock the cache directory (with none it writes entries unlocked,

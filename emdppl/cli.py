@@ -36,8 +36,10 @@ def _demo(args: argparse.Namespace) -> int:
 def _enable_compilation_cache() -> None:
     """JAX's persistent compilation cache in ``~/.cache/emdppl/xla`` (compilation dominates a
     first run; a second run reuses it), unless ``JAX_COMPILATION_CACHE_DIR`` chooses another;
-    with a size limit (16 GiB unless ``JAX_COMPILATION_CACHE_MAX_SIZE`` sets one), which is what
-    makes JAX lock the directory, so that a test run or a second demo can share it."""
+    with a size limit (16 GiB unless ``JAX_COMPILATION_CACHE_MAX_SIZE`` sets one) where the
+    ``filelock`` package is installed, which is what makes JAX lock the directory, so that a
+    second demo can share it."""
+    import importlib.util
     import os
 
     import jax
@@ -45,7 +47,8 @@ def _enable_compilation_cache() -> None:
     if not os.environ.get("JAX_COMPILATION_CACHE_DIR"):
         cache = pathlib.Path.home() / ".cache" / "emdppl" / "xla"
         jax.config.update("jax_compilation_cache_dir", str(cache))
-    if jax.config.jax_compilation_cache_max_size == -1:
+    locks = importlib.util.find_spec("filelock") is not None  # JAX needs it for a size limit
+    if locks and jax.config.jax_compilation_cache_max_size == -1:
         jax.config.update("jax_compilation_cache_max_size", 16 * 2**30)
 
 

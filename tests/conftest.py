@@ -8,10 +8,12 @@ import pytest
 
 DATA = pathlib.Path(__file__).parent / "data"
 
-# JAX locks a persistent compilation cache only when it has a size limit; unlocked, one test
-# worker can read an entry another is still writing (XLA then crashes in its deserialiser).
-if jax.config.jax_compilation_cache_dir and jax.config.jax_compilation_cache_max_size == -1:
-    jax.config.update("jax_compilation_cache_max_size", 16 * 2**30)
+# No persistent compilation cache in the tests, in this process or the subprocesses it starts:
+# XLA CPU's executable (de)serialisation crashed test workers intermittently (segfaults in
+# `executable.serialize()` while writing an entry, in `backend_compile_and_load`, and "Failed to
+# materialize symbols" while reading one), also with the cache locked.
+os.environ["JAX_ENABLE_COMPILATION_CACHE"] = "false"
+jax.config.update("jax_enable_compilation_cache", False)
 
 
 @pytest.fixture(scope="session")
@@ -39,15 +41,12 @@ def reference_z(idata, ref, az):
 
 @pytest.fixture(scope="session")
 def device_env():
-    """``device_env(n)``: the environment of a subprocess that sees ``n`` CPU devices and no
-    persistent compilation cache (such processes would write it while the test workers read it;
-    an entry read while being written crashed a worker once)."""
+    """``device_env(n)``: the environment of a subprocess that sees ``n`` CPU devices (and,
+    as every test, no persistent compilation cache)."""
 
     def make(num_devices: int) -> dict:
         env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={num_devices}")
         env.pop("JAX_PLATFORMS", None)
-        env.pop("JAX_COMPILATION_CACHE_DIR", None)
-        env["JAX_ENABLE_COMPILATION_CACHE"] = "false"
         return env
 
     return make
