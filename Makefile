@@ -26,7 +26,7 @@ STAMP312 := $(VENV312)/.installed-$(shell cat pyproject.toml constraints-arviz1.
 ARVIZ1_TESTS := $(or $(wildcard tests/test_arviz.py),$(wildcard tests/test_infer.py tests/test_svi.py)) \
 	tests/test_layout.py
 
-.PHONY: install demo test lint bench docs test-arviz1
+.PHONY: install demo test lint bench docs test-arviz1 gpu-wheels
 install: $(STAMP)
 
 $(STAMP):
@@ -48,6 +48,11 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/nuts_speed.py
+
+# Wheels for an offline GPU image (emdppl and its pure-Python dependencies, < 64 MiB) in .whl/,
+# which benchmarks/gpu_check.sh installs next to the image's own JAX.
+gpu-wheels: $(STAMP)
+	$(BIN)/python benchmarks/gpu_wheels.py --out .whl
 
 # The documentation site, offline and strict (warnings are errors): site/index.html.
 docs: $(DOCS_STAMP)

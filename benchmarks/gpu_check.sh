@@ -1,29 +1,43 @@
 #!/usr/bin/env bash
-# Prepared GPU check (< 5 min on one H100): uses the machine's JAX, installs the missing pure-Python
-# wheels carried in .whl/ (blackjax, arviz, ...), checks jax.devices(), runs the NUTS chain-scaling
-# check on the GPU and on the CPU, and prints a table with CPU-vs-GPU ratios.
-# Usage on the device: bash benchmarks/gpu_check.sh "$OUT"
+# Prepared GPU check: uses the machine's own JAX, installs the pure-Python wheels `make gpu-wheels`
+# put in .whl/ (blackjax, arviz, numpyro, emdppl, ...; no package index needed), names any
+# compiled package the image lacks, then runs benchmarks/gpu_check.py on the GPU and on the CPU
+# (NUTS chains 1-4096, EMD batches 1-4096) and prints one table with GPU/CPU ratios.
+# Usage on the device: bash benchmarks/gpu_check.sh "$OUT"   (about 10 min on one H100)
 set -euo pipefail
 out=${1:-benchmarks/results}
 if [ -d .whl ]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl
   export PYTHONPATH=/tmp/site:$PWD
+  python3 - .whl/image-needs.txt <<'PY'
+import sys
+from importlib import metadata
+missing = []
+for name in open(sys.argv[1]).read().split():
+    try:
+        metadata.distribution(name)
+    except metadata.PackageNotFoundError:
+        missing.append(name)
+if missing:
+    sys.exit(f"this image lacks compiled packages emdppl needs: {', '.join(missing)}")
+PY
 else
   export PYTHONPATH=$PWD
 fi
 export PYTHONUNBUFFERED=1
-python3 -c "import jax; print('devices:', jax.devices())"
+python3 -c "import jax, emdppl; print('jax', jax.__version__, 'emdppl', emdppl.__version__, 'devices:', jax.devices())"
 rm -f "$out/gpu_check.json"
 python3 benchmarks/gpu_check.py --out "$out"
-JAX_PLATFORMS=cpu python3 benchmarks/gpu_check.py --out "$out" --chains 4 64
+JAX_PLATFORMS=cpu python3 benchmarks/gpu_check.py --out "$out" --chains 1 16 256 4096 --batches 16 256 4096
 python3 - "$out/gpu_check.json" <<'PY'
 import json, sys
 rows = json.load(open(sys.argv[1]))
-cpu = {r["num_chains"]: r for r in rows if r["platform"] == "cpu"}
-print(f"{'platform':<8} {'chains':>6} {'warm s':>8} {'min ESS':>9} {'ESS/s':>9} {'GPU/CPU ESS/s':>14}")
+rate = {"mcmc": "ess_per_second", "emd": "steps_per_second"}
+cpu = {(r["kind"], r["size"]): r for r in rows if r["platform"] == "cpu"}
+print(f"{'kind':<5} {'platform':<8} {'size':>5} {'warm s':>8} {'rate':>10} {'GPU/CPU':>8}   (rate: ESS/s or EMD steps/s)")
 for r in rows:
-    c = cpu.get(r["num_chains"])
-    ratio = f"{r['ess_per_second'] / c['ess_per_second']:.2f}" if c and r["platform"] != "cpu" else ""
-    print(f"{r['platform']:<8} {r['num_chains']:>6} {r['warm_seconds']:>8.2f} "
-          f"{r['min_ess_bulk']:>9.0f} {r['ess_per_second']:>9.0f} {ratio:>14}")
+    c = cpu.get((r["kind"], r["size"]))
+    key = rate[r["kind"]]
+    ratio = f"{r[key] / c[key]:.2f}" if c and r["platform"] != "cpu" else ""
+    print(f"{r['kind']:<5} {r['platform']:<8} {r['size']:>5} {r['warm_seconds']:>8.2f} {r[key]:>10.1f} {ratio:>8}")
 PY

@@ -13,6 +13,7 @@ and no cancellation (cancellation is unbiased only with z frozen, §4.2).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import warnings
 
 import optax
@@ -130,7 +131,7 @@ class DistillConfig:
         for name in ("optimizer", "student_optimizer"):
             value = getattr(self, name)
             if value is None:
-                object.__setattr__(self, name, optax.adam(1e-3))
+                object.__setattr__(self, name, adam(1e-3))
             elif not isinstance(value, optax.GradientTransformation):
                 raise TypeError(
                     f"{name} must be an optax.GradientTransformation (e.g. optax.adam(1e-3)), "
@@ -212,6 +213,20 @@ class DistillConfig:
             raise TypeError(f"config must be an emdppl.DistillConfig, got {type(config).__name__}.")
         requested = dict(zip(_DIFF_INSTRUCT, config._requested, strict=True))
         return dataclasses.replace(config, **{**requested, **options})
+
+
+@functools.cache
+def adam(learning_rate: float | optax.Schedule) -> optax.GradientTransformation:
+    """``optax.adam(learning_rate)``, one object per argument: the optimiser is a static part
+    of the jitted step, so a fresh one per run would compile every run anew."""
+    return optax.adam(learning_rate)
+
+
+@functools.cache
+def cosine_adam(learning_rate: float, num_steps: int) -> optax.GradientTransformation:
+    """Adam with a cosine decay from ``learning_rate`` to 1% of it over ``num_steps``, one
+    object per argument pair (see :func:`adam`)."""
+    return adam(optax.cosine_decay_schedule(learning_rate, num_steps, alpha=0.01))
 
 
 def _resolved_estep(config: DistillConfig) -> dict:

@@ -12,6 +12,7 @@ replicated; the results have the same layout as on one device.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import warnings
 from typing import TYPE_CHECKING, Any
@@ -20,12 +21,11 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
 from emdppl import emd
 from emdppl import generators as generators_module
 from emdppl.base import Algorithm, PRNGKey, as_key, caller_stacklevel
-from emdppl.distill_config import DistillConfig
+from emdppl.distill_config import DistillConfig, cosine_adam
 from emdppl.driver import check_checkpoint_dir, checkpoint_exists, run
 from emdppl.estep import run_chain
 from emdppl.sharding import Devices, batch_mesh, describe, replicate, to_host
@@ -299,6 +299,13 @@ def _probe_idata(
 # ------------------------------------------------------------------------------------------
 # emdppl.infer(model, EMD(...)): a posterior distilled into a one-step generator.
 
+@functools.partial(jax.jit, static_argnums=2)
+def _resample(rng_key: PRNGKey, weights: jax.Array, num: int) -> jax.Array:
+    """``num`` indices drawn with replacement with probabilities ``weights`` (one program,
+    not a dozen eagerly compiled operations)."""
+    return jax.random.choice(rng_key, weights.shape[0], (num,), p=weights)
+
+
 #: Generator draws per returned draw in :class:`EMD`'s importance resampling.
 IMPORTANCE_POOL = 4
 
@@ -560,8 +567,7 @@ class EMD:
                 {**attrs, "importance_resampled": 0},
                 {"log_weight": kept},
             )
-        p = jnp.asarray(weights)
-        index = jax.random.choice(k_resample, pool_size, (self.num_samples,), p=p)
+        index = _resample(k_resample, jnp.asarray(weights), self.num_samples)
         return pool[index], {**attrs, "importance_resampled": 1}, None
 
     def infer(self, problem: Problem, *, rng_key: int | PRNGKey = 0, progress_bar: bool = True):
@@ -579,8 +585,8 @@ class EMD:
         teacher = density_teacher(target, sigma_max=self.sigma_max, smoothing=self.smoothing)
         config = self.config
         if not self._has_optimizer:
-            schedule = optax.cosine_decay_schedule(self.learning_rate, config.num_steps, alpha=0.01)
-            config = dataclasses.replace(config, optimizer=optax.adam(schedule))
+            optimizer = cosine_adam(self.learning_rate, config.num_steps)
+            config = dataclasses.replace(config, optimizer=optimizer)
         generator = self._generator(teacher.data_dim, jax.random.fold_in(k_distill, 1))
         if self.smoothing == "none":
             generator = OwnDensityStudent(generator)

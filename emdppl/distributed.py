@@ -11,9 +11,10 @@ the script calls :func:`initialize` (or ``jax.distributed.initialize``) before `
 emdppl``. After that ``jax.devices()`` lists the devices of all processes, so
 ``emdppl.MCMC(..., devices="all")`` splits the chains over all of them (each process runs its
 own). Draws are gathered for every process at the end of a run (the ArviZ data are the same
-everywhere: write them where :func:`is_main_process`). Checkpoints are not supported across
-processes yet (``checkpoint_dir`` is refused there); the Pyro bridge evaluates its model on the
-host of one process and stays single-process.
+everywhere: write them where :func:`is_main_process`). Checkpoints are per process
+(``checkpoint_dir/process_<i>_of_<n>``, :func:`emdppl.run`), and the processes resume together at
+the last chunk all of them wrote; the Pyro bridge evaluates its model on the host of one process
+and stays single-process.
 
 This module imports only JAX, so ``from emdppl.distributed import initialize`` is cheap, but it
 still runs ``emdppl/__init__``: use the environment, or ``jax.distributed.initialize``, when

@@ -6,6 +6,12 @@ chunk, and carry a fingerprint of the run so a directory reused by another run i
 Step ``i`` uses the key ``fold_in(rng_key, i)``, so a run resumed from a
 checkpoint draws the same numbers as an uninterrupted one.
 
+Over several processes (``jax.distributed``) each process writes its own checkpoint in
+``checkpoint_dir/process_<i>_of_<n>`` (the gathered state and trace: no shared file system is
+needed), and on resume the processes agree on the last chunk all of them wrote (a process that
+was stopped one chunk behind the others is caught up from the previous state, which every
+checkpoint keeps).
+
 The chunk function is compiled once per algorithm *structure*: ``algorithm`` is passed to
 ``equinox.filter_jit`` as a pytree, so the arrays it holds (data, parameters) are traced
 arguments and a second run on new data of the same shapes reuses the compiled code.
@@ -69,13 +75,37 @@ def _chunk_length(num_records: int, target: int) -> int:
 
 
 def check_checkpoint_dir(checkpoint_dir: str | os.PathLike | None) -> None:
-    """Refuse checkpoints in a run over several processes (``jax.distributed``), before
-    anything heavy runs: not supported yet."""
-    if checkpoint_dir is not None and jax.process_count() > 1:
+    """Refuse, before anything heavy runs, a ``checkpoint_dir`` written by a run over another
+    number of processes (its draws are not this run's to resume)."""
+    if checkpoint_dir is not None:
+        _process_directory(checkpoint_dir)
+
+
+def _process_directory(checkpoint_dir: str | os.PathLike) -> Path:
+    """Where this process keeps its checkpoint: ``checkpoint_dir`` in a run of one process,
+    ``checkpoint_dir/process_<i>_of_<n>`` in a run of ``n``."""
+    directory, count = Path(checkpoint_dir), jax.process_count()
+    layouts = {int(p.name.rsplit("_", 1)[1]) for p in directory.glob("process_*_of_*")}
+    if (directory / _CHECKPOINT).exists():
+        layouts.add(1)
+    if layouts - {count}:
         raise ValueError(
-            "checkpoint_dir with several processes (jax.distributed) is not supported yet: run "
-            "without checkpoints, or in one process (several devices are fine)."
+            f"checkpoint_dir {directory} holds the checkpoint of a run over "
+            f"{sorted(layouts - {count})[0]} process(es), and this run has {count}: resume it "
+            "with as many processes, or pass another checkpoint_dir."
         )
+    if count == 1:
+        return directory
+    return directory / f"process_{jax.process_index()}_of_{count}"
+
+
+def _agreed_done(done: int) -> int:
+    """The number of records every process has checkpointed (a collective with several)."""
+    if jax.process_count() == 1:
+        return done
+    from jax.experimental import multihost_utils
+
+    return int(np.min(multihost_utils.process_allgather(np.asarray(done, dtype=np.int64))))
 
 
 def run(
@@ -120,7 +150,9 @@ def run(
         is written once, so the cost is linear in the run's length). A run that finds a
         checkpoint there resumes from it, bit for bit, if it is the same run (a fingerprint of
         the algorithm's data and settings, the state's layout, the key and the length); a
-        checkpoint of another run raises an error rather than returning its draws.
+        checkpoint of another run raises an error rather than returning its draws. With
+        several processes each writes ``checkpoint_dir/process_<i>_of_<n>`` (see the module
+        docstring); a directory of another process count is refused.
 
     Returns
     -------
@@ -144,15 +176,14 @@ def run(
     length = _chunk_length(num_records, max(1, math.ceil(num_records / num_chunks)))
 
     done, chunks = 0, []
-    directory = Path(checkpoint_dir) if checkpoint_dir is not None else None
+    directory = _process_directory(checkpoint_dir) if checkpoint_dir is not None else None
     if directory is not None:
         meta = {
             "num_records": num_records,
             "thinning": thinning,
             "fingerprint": _fingerprint(algorithm, state, rng_key, num_records, thinning),
         }
-        if (directory / _CHECKPOINT).exists():
-            done, state, chunks = _load_checkpoint(directory, meta, algorithm, state, rng_key)
+        done, state, chunks = _load_checkpoint(directory, meta, algorithm, state, rng_key)
 
     bar = tqdm(total=num_steps, initial=done * thinning, desc=desc, disable=not progress_bar)
     try:
@@ -252,29 +283,81 @@ def _read_arrays(path: Path, like: PyTree, as_jax: bool) -> PyTree:
 def _save_checkpoint(
     directory: Path, meta: dict, done: int, state: PyTree, chunk: PyTree, index: int
 ) -> None:
-    """Append chunk ``index`` of the trace, then the state, then the metadata (the last write
-    makes the checkpoint current, so an interrupted write loses nothing). Each chunk is written
-    once: the cost is linear in the length of the run."""
+    """Append chunk ``index`` of the trace, then the state after it, then the metadata (the last
+    write makes the checkpoint current, so an interrupted write loses nothing). Each chunk is
+    written once: the cost is linear in the length of the run. The previous state is kept
+    (a process one chunk ahead of another resumes from it); older ones are removed."""
     directory.mkdir(parents=True, exist_ok=True)
     _write_arrays(directory / f"chunk_{index:05d}.npz", chunk)
-    _write_arrays(directory / "state.npz", state)
-    meta = {**meta, "done": done, "num_chunks": index + 1}
+    name = f"state_{index:05d}.npz"
+    _write_arrays(directory / name, state)
+    current = _read_meta(directory)  # a process resumed one chunk back: its previous is kept
+    candidates = [] if current is None else [current, current["previous"]]
+    previous = next((e for e in candidates if e is not None and e["done"] < done), None)
+    previous = None if previous is None else {k: previous[k] for k in _ENTRY}
+    entry = {"done": done, "num_chunks": index + 1, "state": name}
     tmp = directory / (_CHECKPOINT + ".tmp")
-    tmp.write_text(json.dumps(meta))
+    tmp.write_text(json.dumps({**meta, **entry, "previous": previous}))
     os.replace(tmp, directory / _CHECKPOINT)
+    keep = {name} if previous is None else {name, previous["state"]}
+    for path in directory.glob("state_*.npz"):
+        if path.name not in keep:
+            path.unlink()
+
+
+_ENTRY = ("done", "num_chunks", "state")
+
+
+def _read_meta(directory: Path) -> dict | None:
+    """The checkpoint index in ``directory`` (``None`` if there is none)."""
+    path = directory / _CHECKPOINT
+    if not path.exists():
+        return None
+    try:
+        stored = json.loads(path.read_text())
+        previous = stored.get("previous")
+        stored = {**stored, **_entry(stored)}
+        stored["previous"] = None if previous is None else _entry(previous)
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
+        raise ValueError(
+            f"checkpoint file {path} is unreadable ({err}); remove {directory} to start afresh."
+        ) from None
+    return stored
+
+
+def _entry(raw: dict) -> dict:
+    """One checkpoint (records done, trace chunks, state file) of the index, checked."""
+    return {k: cast(raw[k]) for k, cast in zip(_ENTRY, (int, int, str), strict=True)}
 
 
 def _load_checkpoint(
     directory: Path, meta: dict, algorithm: Algorithm, like: PyTree, rng_key: PRNGKey
 ) -> tuple[int, PyTree, list]:
-    path = directory / _CHECKPOINT
-    try:
-        stored = json.loads(path.read_text())
-        done, num_chunks = int(stored["done"]), int(stored["num_chunks"])
-    except (OSError, ValueError, KeyError, TypeError) as err:
+    """``(done, state, chunks)`` to resume from: the checkpoint in ``directory`` at the
+    number of records every process has written (``(0, like, [])`` when that is none)."""
+    stored = _read_meta(directory)
+    if stored is not None:
+        _check_same_run(directory / _CHECKPOINT, stored, meta)
+    done = _agreed_done(0 if stored is None else stored["done"])
+    if done == 0:
+        return 0, like, []
+    entry = stored if stored["done"] == done else stored["previous"]
+    if entry is None or entry["done"] != done:
         raise ValueError(
-            f"checkpoint file {path} is unreadable ({err}); remove {directory} to start afresh."
-        ) from None
+            f"the checkpoint in {directory} is at {stored['done']} records and another "
+            f"process's at {done}: more than one chunk apart, so the processes cannot resume "
+            f"together. Remove {directory.parent} to start afresh."
+        )
+    state = _read_arrays(directory / entry["state"], like, as_jax=True)
+    _, info = jax.eval_shape(algorithm.step, rng_key, like)
+    chunks = [
+        _read_arrays(directory / f"chunk_{i:05d}.npz", info, as_jax=False)
+        for i in range(entry["num_chunks"])
+    ]
+    return done, state, chunks
+
+
+def _check_same_run(path: Path, stored: dict, meta: dict) -> None:
     if (stored.get("num_records"), stored.get("thinning")) != (
         meta["num_records"],
         meta["thinning"],
@@ -289,23 +372,25 @@ def _load_checkpoint(
         raise ValueError(
             f"checkpoint {path} belongs to another run: the model, its data, the settings or the "
             "seed differ from this one's, so resuming would return another run's draws. Remove "
-            f"{directory} or pass another checkpoint_dir."
+            f"{path.parent} or pass another checkpoint_dir."
         )
-    state = _read_arrays(directory / "state.npz", like, as_jax=True)
-    _, info = jax.eval_shape(algorithm.step, rng_key, like)
-    chunks = [
-        _read_arrays(directory / f"chunk_{i:05d}.npz", info, as_jax=False)
-        for i in range(num_chunks)
-    ]
-    return done, state, chunks
 
 
 def checkpoint_exists(checkpoint_dir: str | os.PathLike | None) -> bool:
-    """Whether ``checkpoint_dir`` holds a checkpoint that :func:`run` would resume from."""
-    return checkpoint_dir is not None and (Path(checkpoint_dir) / _CHECKPOINT).exists()
+    """Whether ``checkpoint_dir`` holds a checkpoint that :func:`run` would resume from (with
+    several processes: one every process holds; a collective call)."""
+    if checkpoint_dir is None:
+        return False
+    stored = _read_meta(_process_directory(checkpoint_dir))
+    return _agreed_done(0 if stored is None else stored["done"]) > 0
 
 
 def load_state(checkpoint_dir: str | os.PathLike, like: PyTree) -> PyTree:
-    """The state saved in ``checkpoint_dir``, with the structure and dtypes of ``like`` (e.g.
-    the initial state): the last good state of a run that stopped."""
-    return _read_arrays(Path(checkpoint_dir) / "state.npz", like, as_jax=True)
+    """The state saved in ``checkpoint_dir`` (this process's, with several), with the structure
+    and dtypes of ``like`` (e.g. the initial state): the last good state of a run that
+    stopped."""
+    directory = _process_directory(checkpoint_dir)
+    stored = _read_meta(directory)
+    if stored is None:
+        raise ValueError(f"no checkpoint in {directory}.")
+    return _read_arrays(directory / stored["state"], like, as_jax=True)

@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 from emdppl.base import Algorithm, PRNGKey, PyTree, as_key
 from emdppl.diagnostics import check_constrained, check_mcmc, warn
-from emdppl.driver import run
+from emdppl.driver import check_checkpoint_dir, run
 from emdppl.inference_data import to_arviz
 from emdppl.initialization import optimize_positions
 from emdppl.samplers import INIT_STRATEGIES, Sampler, get_sampler
@@ -293,6 +293,7 @@ class MCMC:
         frozen = tuple(sorted(self.options.items()))
         warmup_key, init_key, sample_key = jax.random.split(as_key(rng_key), 3)
         mesh = chain_mesh(self.devices, target.num_chains)
+        check_checkpoint_dir(self.checkpoint_dir)  # before the warm-up
         logdensity_fn = replicate(target.logdensity_fn, mesh)
         algorithm = mcmc_algorithm(self.sampler, logdensity_fn, **self.options)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import json
 
 import jax
 import jax.numpy as jnp
@@ -205,7 +206,8 @@ def test_checkpoint_of_another_run_is_refused_and_never_pickled(tmp_path):
     state = _mala_state(algorithm)
     emdppl.run(0, algorithm, 12, state, **kwargs)
     assert sorted(p.name for p in tmp_path.iterdir()) == [
-        "checkpoint.json", "chunk_00000.npz", "chunk_00001.npz", "chunk_00002.npz", "state.npz"
+        "checkpoint.json", "chunk_00000.npz", "chunk_00001.npz", "chunk_00002.npz",
+        "state_00001.npz", "state_00002.npz",  # the state after the last chunk and before it
     ]
     for path in tmp_path.glob("*.npz"):
         np.load(path, allow_pickle=False)  # plain arrays
@@ -214,8 +216,8 @@ def test_checkpoint_of_another_run_is_refused_and_never_pickled(tmp_path):
     for rng_key, alg in ((1, algorithm), (0, other_settings), (0, shifted)):
         with pytest.raises(ValueError, match="belongs to another run"):
             emdppl.run(rng_key, alg, 12, state, **kwargs)
-    (tmp_path / "state.npz").write_bytes(b"garbage")
-    with pytest.raises(ValueError, match=r"state.npz is unreadable.*remove"):
+    (tmp_path / "state_00002.npz").write_bytes(b"garbage")
+    with pytest.raises(ValueError, match=r"state_00002.npz is unreadable.*remove"):
         emdppl.run(0, algorithm, 12, state, **kwargs)
 
 
@@ -236,3 +238,50 @@ def test_mcmc_checkpoint_reused_with_new_data_raises(tmp_path):
     np.testing.assert_array_equal(first.posterior["mu"], again.posterior["mu"])  # resumed
     with pytest.raises(ValueError, match="belongs to another run"):
         emdppl.infer(model, mcmc, model_kwargs=dict(y=jnp.ones(5)), progress_bar=False)
+
+
+def test_a_process_one_chunk_behind_resumes_with_the_others(tmp_path, monkeypatch):
+    """Several processes resume at the chunk every one of them wrote: a checkpoint one chunk
+    ahead of the agreed count resumes from the previous state it keeps, bit for bit (the
+    agreement, a collective across processes, is stubbed to one chunk behind here)."""
+    algorithm = emdppl.mcmc_algorithm("mala", _logdensity, step_size=0.5)
+    kwargs = dict(num_chunks=4, progress_bar=False)  # 4 chunks of 5
+    reference = emdppl.run(3, algorithm, 20, _mala_state(algorithm), **kwargs)
+    save, saves = run_module._save_checkpoint, []
+
+    def save_then_interrupt(*args):
+        save(*args)
+        saves.append(args[2])
+        if len(saves) == 3:
+            raise _Interrupted
+
+    monkeypatch.setattr(run_module, "_save_checkpoint", save_then_interrupt)
+    with pytest.raises(_Interrupted):
+        emdppl.run(3, algorithm, 20, _mala_state(algorithm), checkpoint_dir=tmp_path, **kwargs)
+    monkeypatch.setattr(run_module, "_save_checkpoint", save)
+    monkeypatch.setattr(run_module, "_agreed_done", lambda done: min(done, 10))
+    chunk, starts = run_module._chunk, []
+    monkeypatch.setattr(
+        run_module, "_chunk", lambda *args: starts.append(int(args[3])) or chunk(*args)
+    )
+    resumed = emdppl.run(
+        3, algorithm, 20, _mala_state(algorithm), checkpoint_dir=tmp_path, **kwargs
+    )
+    assert starts == [10, 15]
+    _assert_trees_equal(resumed, reference)
+    index = json.loads((tmp_path / "checkpoint.json").read_text())
+    assert (index["done"], index["previous"]["done"]) == (20, 15)
+    states = sorted(p.name for p in tmp_path.glob("state_*"))
+    assert states == ["state_00002.npz", "state_00003.npz"]
+    monkeypatch.setattr(run_module, "_agreed_done", lambda done: 5)  # two chunks apart
+    with pytest.raises(ValueError, match="more than one chunk apart"):
+        emdppl.run(3, algorithm, 20, _mala_state(algorithm), checkpoint_dir=tmp_path, **kwargs)
+
+
+def test_a_checkpoint_of_another_process_layout_is_refused_before_warm_up(tmp_path):
+    (tmp_path / "process_1_of_2").mkdir()
+    target = emdppl.Target.from_logdensity(_logdensity, jnp.zeros(2), num_chains=2)
+    mcmc = emdppl.MCMC("mala", num_warmup=10, num_samples=10, num_chains=2,
+                       checkpoint_dir=str(tmp_path))
+    with pytest.raises(ValueError, match="a run over 2 process.*this run has 1"):
+        mcmc.sample(0, target, progress_bar=False)
