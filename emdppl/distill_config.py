@@ -6,8 +6,9 @@ it is a static argument of the jitted step (two runs with equal configurations a
 share compiled code).
 
 ``method="diff_instruct"`` fixes ``num_estep_steps=1``, ``update_z=False`` and
-``noise_cancellation="full"`` (``docs/EMD.md`` §6); ``method="emd"`` defaults to K = 8, z sampled
-and no cancellation (cancellation is unbiased only with z frozen, §4.2).
+``noise_cancellation="full"`` (``docs/EMD.md`` §6); ``method="emd"`` defaults to K = 4, z sampled
+with the Jacobian-scaled z step and the Stein residual in place of cancellation (cancellation is
+unbiased only with z frozen, §4.2).
 """
 
 from __future__ import annotations

@@ -101,9 +101,9 @@ def test_samplers_smoke_rows(smoke_reports):
     assert {c["sampler"] for c in report["aux_vs_centered"]} == {"mala", "ula"}
 
 
-# inference.py and distillation.py: their own subprocess pair (each smoke run is ~55 s of CPU,
-# almost all compilation; on a loaded 2-core machine the wall time can reach 3 minutes).
-EMD_SCRIPTS = {"inference": ("rows",), "distillation": ("rows",)}
+# inference.py, distillation.py and emd_cost.py: their own subprocess set (each smoke run is
+# ~55 s of CPU, almost all compilation; on a loaded 2-core machine up to 3 minutes of wall time).
+EMD_SCRIPTS = {"inference": ("rows",), "distillation": ("rows",), "emd_cost": ("rows",)}
 
 
 @pytest.fixture(scope="module")
@@ -139,3 +139,13 @@ def test_distillation_smoke_rows(emd_smoke_reports):
             assert row["nfe"] == 1
             for key in ("seconds_per_10k_samples", "train_seconds_per_1000_steps"):
                 assert math.isfinite(row[key]) and row[key] > 0, (row["method"], key)
+
+
+def test_emd_cost_smoke_rows(emd_smoke_reports):
+    """The parts of a step are counted as the kernel runs them (K kernel steps, the residual)
+    and every part was timed; the ratio itself is a measurement, not asserted."""
+    (row,) = json.loads(emd_smoke_reports["emd_cost"][2].read_text())["rows"]
+    assert (row["problem"], row["K"]) == ("ring8", 4)
+    assert row["counts"]["teacher_score"] == row["counts"]["student_score"] == 5
+    assert row["counts"]["generator_vjp"] == 4
+    assert all(t > 0 for t in row["part_ms"].values()) and row["ratio"] > 0
