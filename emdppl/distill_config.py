@@ -22,7 +22,15 @@ import optax
 from emdppl.base import caller_stacklevel
 from emdppl.samplers import get_sampler
 
-__all__ = ["DistillConfig", "METHODS", "NOISE_CANCELLATIONS", "WEIGHTINGS", "Z_STEP_RULES"]
+__all__ = [
+    "DistillConfig",
+    "METHODS",
+    "NOISE_CANCELLATIONS",
+    "WEIGHTINGS",
+    "Z_STEP_RULES",
+    "adam",
+    "cosine_adam",
+]
 
 METHODS = ("emd", "diff_instruct")
 NOISE_CANCELLATIONS = ("full", "initial", "none", "residual")
