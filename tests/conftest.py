@@ -2,6 +2,9 @@ import gc
 import json
 import os
 import pathlib
+import sys
+import threading
+import time
 
 import jax
 import numpy as np
@@ -65,3 +68,70 @@ def device_env():
         return env
 
     return make
+
+
+# A line of progress at least every minute (the slowest tests take 2-3 minutes and xdist's dots
+# stay silent meanwhile): the controlling process reports how many tests have finished and which
+# are running, from a daemon thread that prints only while the session runs.
+PROGRESS_SECONDS = 60
+
+
+class _Progress:
+    def __init__(self) -> None:
+        self.start = time.monotonic()
+        self.finished = 0
+        self.total = None
+        self.running: dict[str, float] = {}
+        self.lock = threading.Lock()
+        self.stop = threading.Event()
+
+    def line(self) -> str:
+        now = time.monotonic()
+        with self.lock:
+            oldest = sorted(self.running.items(), key=lambda item: item[1])[:2]
+            running = ", ".join(f"{node} ({now - t0:.0f} s)" for node, t0 in oldest)
+            total = "?" if self.total is None else self.total
+            return (
+                f"[progress {(now - self.start) / 60:.1f} min] {self.finished}/{total} done"
+                + (f"; running {running}" if running else "")
+            )
+
+    def loop(self) -> None:
+        while not self.stop.wait(PROGRESS_SECONDS):
+            sys.__stderr__.write("\n" + self.line() + "\n")
+            sys.__stderr__.flush()
+
+
+_progress: _Progress | None = None
+
+
+def pytest_configure(config):
+    global _progress
+    if hasattr(config, "workerinput") or not config.getoption("numprocesses", None):
+        return  # an xdist worker, or a run without workers (pytest prints as it goes)
+    _progress = _Progress()
+    threading.Thread(target=_progress.loop, name="test-progress", daemon=True).start()
+
+
+def pytest_unconfigure(config):
+    if _progress is not None:
+        _progress.stop.set()
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_node_collection_finished(node, ids):
+    if _progress is not None:
+        _progress.total = len(ids)
+
+
+def pytest_runtest_logstart(nodeid, location):
+    if _progress is not None:
+        with _progress.lock:
+            _progress.running[nodeid] = time.monotonic()
+
+
+def pytest_runtest_logfinish(nodeid, location):
+    if _progress is not None:
+        with _progress.lock:
+            if _progress.running.pop(nodeid, None) is not None:
+                _progress.finished += 1
