@@ -45,11 +45,10 @@ WORKER = textwrap.dedent(
             write(path, tree)
             if path.name == "state_00002.npz":
                 raise Stop
-        driver._save_checkpoint, driver._write_arrays = save_then_stop, write_then_stop
         if index == 0:
-            driver._write_arrays = write
+            driver._save_checkpoint = save_then_stop
         else:
-            driver._save_checkpoint = save
+            driver._write_arrays = write_then_stop
         ck = emdppl.MCMC("nuts", num_warmup=200, num_samples=300, num_chains=4, devices="all",
                          checkpoint_dir=sys.argv[1])
         try:
