@@ -85,7 +85,8 @@ def _process_directory(checkpoint_dir: str | os.PathLike) -> Path:
     """Where this process keeps its checkpoint: ``checkpoint_dir`` in a run of one process,
     ``checkpoint_dir/process_<i>_of_<n>`` in a run of ``n``."""
     directory, count = Path(checkpoint_dir), jax.process_count()
-    layouts = {int(p.name.rsplit("_", 1)[1]) for p in directory.glob("process_*_of_*")}
+    found = (re.fullmatch(r"process_\d+_of_(\d+)", p.name) for p in directory.glob("process_*"))
+    layouts = {int(m.group(1)) for m in found if m}
     if (directory / _CHECKPOINT).exists():
         layouts.add(1)
     if layouts - {count}:
