@@ -2,15 +2,17 @@
 
 Models: NumPyro's examples (baseball logit, zero-inflated Poisson, GP hyperparameters, horseshoe
 regression; reference: NUTS in the same process, 4 x 1000 draws) and posteriordb posteriors
-(eight schools, arK, kilpisjarvi, low_dim_gauss_mix; reference: posteriordb's draws). Per model:
+(eight schools, arK, kilpisjarvi, low_dim_gauss_mix, the seven earnings / kidiq regressions and
+the two ODE models of ``posteriordb_models.py``; reference: posteriordb's draws). Per model:
 max over scalar components of |mean - mean_ref| / sd_ref and of |log(sd / sd_ref)| of the
 returned (importance-resampled) draws, and for NUTS references the same with every positive
 site on the log scale (``*_unconstrained``: a heavy right tail has no estimable sd on the
 natural scale); ``--no-importance-resampling`` for the raw generator's draws; skipped (NaN)
-steps, PSIS k-hat and importance ESS, whether EMD warned, wall seconds.
+steps, PSIS k-hat and importance ESS, whether EMD warned, wall seconds; the two errors per site
+too (``site_errors``).
 Writes ``emd_posteriors.json`` and ``.png``.
 
-    .venv/bin/python -m benchmarks.emd_posteriors            # all models, ~25 min on 2 cores
+    .venv/bin/python -m benchmarks.emd_posteriors            # all models, ~45 min on 2 cores
     .venv/bin/python -m benchmarks.emd_posteriors --smoke    # eight schools, 30 steps
     .venv/bin/python -m benchmarks.emd_posteriors --models baseball_logit --out DIR
 """
@@ -40,10 +42,13 @@ from benchmarks.models import (  # noqa: E402
     SAMPLER_MODELS,
     BenchmarkModel,
 )
+from benchmarks.posteriordb_models import ARM_REGRESSIONS, ODE_MODELS  # noqa: E402
 
 MODELS = {
     **NUMPYRO_EXAMPLE_MODELS,
     **{k: SAMPLER_MODELS[k] for k in ("eight_schools", "arK", "kilpisjarvi", "low_dim_gauss_mix")},
+    **ARM_REGRESSIONS,
+    **ODE_MODELS,
 }
 
 
@@ -82,23 +87,37 @@ def _unconstrained(draws: dict, positive: set | None = None) -> dict:
 
 
 def stored_reference(bench: BenchmarkModel) -> dict:
-    """posteriordb's moments, flattened to components."""
+    """posteriordb's moments, flattened to components; with its draws where they are stored,
+    the moments with every positive site on the log scale too."""
     ref = bench.reference()
     sites = {
         site: {"mean": np.ravel(ref[site]["mean"]), "sd": np.ravel(ref[site]["sd"])}
         for site in bench.var_names
     }
-    return {"sites": sites, "divergences": 0}
+    out = {"sites": sites, "divergences": 0}
+    if bench.reference_draws is not None:
+        draws = bench.reference_draws()
+        draws = {site: draws[site].reshape(len(draws[site]), -1) for site in bench.var_names}
+        out["unconstrained"] = _moments(_unconstrained(draws))
+    return out
+
+
+def site_errors(draws: dict, reference: dict) -> dict[str, tuple[float, float]]:
+    """``{site: (max |dm| / sd_ref, max |log sd ratio|)}`` over the site's components."""
+    out = {}
+    for site, ref in reference.items():
+        mean, sd = draws[site].mean(0), draws[site].std(0)
+        out[site] = (
+            float(np.max(np.abs(mean - ref["mean"]) / ref["sd"])),
+            float(np.max(np.abs(np.log(sd / ref["sd"])))),
+        )
+    return out
 
 
 def errors(draws: dict, reference: dict) -> tuple[float, float]:
     """``(max |dm| / sd_ref, max |log sd ratio|)`` over every component of every site."""
-    dm = dl = 0.0
-    for site, ref in reference.items():
-        mean, sd = draws[site].mean(0), draws[site].std(0)
-        dm = max(dm, float(np.max(np.abs(mean - ref["mean"]) / ref["sd"])))
-        dl = max(dl, float(np.max(np.abs(np.log(sd / ref["sd"])))))
-    return dm, dl
+    per_site = site_errors(draws, reference).values()
+    return max(e[0] for e in per_site), max(e[1] for e in per_site)
 
 
 def run_model(name: str, seed: int, emd_options: dict) -> dict:
@@ -133,6 +152,7 @@ def run_model(name: str, seed: int, emd_options: dict) -> dict:
         zip(("max_abs_dm_over_sd", "max_abs_log_sd_ratio"), errors(draws, reference["sites"]),
             strict=True)
     )
+    row["site_errors"] = site_errors(draws, reference["sites"])
     if "unconstrained" in reference:  # positive sites on the log scale too (NUTS references)
         positive = {
             site for site in draws if not np.allclose(
@@ -140,13 +160,15 @@ def run_model(name: str, seed: int, emd_options: dict) -> dict:
             )
         }
         row["positive_sites"] = sorted(positive)
+        log_draws = _unconstrained(draws, positive)
         row.update(
             zip(
                 ("max_abs_dm_over_sd_unconstrained", "max_abs_log_sd_ratio_unconstrained"),
-                errors(_unconstrained(draws, positive), reference["unconstrained"]),
+                errors(log_draws, reference["unconstrained"]),
                 strict=True,
             )
         )
+        row["site_errors_unconstrained"] = site_errors(log_draws, reference["unconstrained"])
     row["importance_ess"] = float(idata.posterior.attrs["importance_ess"])
     row["importance_resampled"] = int(idata.posterior.attrs["importance_resampled"])
     row["pareto_k"] = float(idata.posterior.attrs["pareto_k"])

@@ -75,7 +75,7 @@ def load_german_credit(path: Path = DATA_DIR / "german.data-numeric") -> dict[st
     }
 
 
-def _flat(name: str, support: constraints.Constraint, shape: tuple[int, ...] = ()) -> jax.Array:
+def flat(name: str, support: constraints.Constraint, shape: tuple[int, ...] = ()) -> jax.Array:
     """A latent with a flat density on ``support``, as a Stan parameter without a prior.
 
     Sampled as a standard normal pushed through ``biject_to(support)`` and its density taken
@@ -153,7 +153,7 @@ def kilpisjarvi(
     ``x`` (N,) near 2000 (hence the alpha-beta correlation), flat prior on :math:`\sigma > 0`."""
     alpha = numpyro.sample("alpha", dist.Normal(pmualpha, psalpha))
     beta = numpyro.sample("beta", dist.Normal(pmubeta, psbeta))
-    sigma = _flat("sigma", constraints.positive)
+    sigma = flat("sigma", constraints.positive)
     with numpyro.plate("N", x.shape[0]):
         numpyro.sample("y", dist.Normal(alpha + beta * x, sigma), obs=y)
 
@@ -165,7 +165,7 @@ def low_dim_gauss_mix(y: jnp.ndarray) -> None:
     :math:`\sigma_k \sim \mathrm{HalfNormal}(2)`,
     :math:`\theta \sim \mathrm{Beta}(5, 5)`, the labels summed out; ``y`` (N,).
     """
-    mu = _flat("mu", constraints.ordered_vector, (2,))
+    mu = flat("mu", constraints.ordered_vector, (2,))
     numpyro.factor("mu_prior", dist.Normal(0.0, 2.0).log_prob(mu).sum())
     with numpyro.plate("components", 2):
         sigma = numpyro.sample("sigma", dist.HalfNormal(2.0))
@@ -184,7 +184,7 @@ def hmm_example(y: jnp.ndarray) -> None:
     """
     theta1 = numpyro.sample("theta1", dist.Dirichlet(jnp.ones(2)))
     theta2 = numpyro.sample("theta2", dist.Dirichlet(jnp.ones(2)))
-    mu = _flat("mu", constraints.positive_ordered_vector, (2,))
+    mu = flat("mu", constraints.positive_ordered_vector, (2,))
     numpyro.factor("mu_prior", dist.Normal(jnp.array([3.0, 10.0]), 1.0).log_prob(mu).sum())
     log_transition = jnp.log(jnp.stack([theta1, theta2]))  # [from, to]
     log_emission = dist.Normal(mu, 1.0).log_prob(y[:, None])  # (N, K)
@@ -206,40 +206,40 @@ def diamonds(Xc: jnp.ndarray, Y: jnp.ndarray) -> None:  # noqa: N803 (brms's nam
     with numpyro.plate("K", Xc.shape[1]):
         b = numpyro.sample("b", dist.Normal(0.0, 1.0))
     intercept = numpyro.sample("Intercept", dist.StudentT(3.0, 8.0, 10.0))
-    sigma = _flat("sigma", constraints.positive)
+    sigma = flat("sigma", constraints.positive)
     numpyro.factor("sigma_prior", dist.StudentT(3.0, 0.0, 10.0).log_prob(sigma) + jnp.log(2.0))
     with numpyro.plate("N", Xc.shape[0]):
         numpyro.sample("Y", dist.Normal(intercept + Xc @ b, sigma), obs=Y)
 
 
-def _posteriordb_data(name: str) -> dict:
+def posteriordb_data(name: str) -> dict:
     with zipfile.ZipFile(DATA_DIR / "posteriordb" / "data" / f"{name}.json.zip") as archive:
         return json.loads(archive.read(archive.namelist()[0]))
 
 
 def _arK_data() -> dict[str, np.ndarray]:  # noqa: N802
-    data = _posteriordb_data("arK")
+    data = posteriordb_data("arK")
     y, num_lags = np.asarray(data["y"]), data["K"]
     lags = np.stack([y[num_lags - k - 1 : len(y) - k - 1] for k in range(num_lags)], axis=1)
     return {"lags": lags.astype(np.float32), "y": y[num_lags:].astype(np.float32)}
 
 
 def _kilpisjarvi_data() -> dict[str, np.ndarray]:
-    data = _posteriordb_data("kilpisjarvi_mod")
+    data = posteriordb_data("kilpisjarvi_mod")
     keys = ("x", "y", "pmualpha", "psalpha", "pmubeta", "psbeta")
     return {k: np.asarray(data[k], np.float32) for k in keys}
 
 
 def _gauss_mix_data() -> dict[str, np.ndarray]:
-    return {"y": np.asarray(_posteriordb_data("low_dim_gauss_mix")["y"], np.float32)}
+    return {"y": np.asarray(posteriordb_data("low_dim_gauss_mix")["y"], np.float32)}
 
 
 def _hmm_data() -> dict[str, np.ndarray]:
-    return {"y": np.asarray(_posteriordb_data("hmm_example")["y"], np.float32)}
+    return {"y": np.asarray(posteriordb_data("hmm_example")["y"], np.float32)}
 
 
 def _diamonds_data() -> dict[str, np.ndarray]:
-    data = _posteriordb_data("diamonds")
+    data = posteriordb_data("diamonds")
     x = np.asarray(data["X"])[:, 1:]
     return {"Xc": (x - x.mean(0)).astype(np.float32), "Y": np.asarray(data["Y"], np.float32)}
 
@@ -261,7 +261,7 @@ Reference = dict[str, dict[str, np.ndarray]]
 """``{site: {"mean", "sd", "mcse"}}``, arrays of the site's shape (``mcse`` 0 when exact)."""
 
 
-def _posteriordb_reference(posterior: str) -> Reference:
+def posteriordb_moments(posterior: str) -> Reference:
     """Means (with MCSE) and sds from posteriordb's summary statistics of its reference draws."""
     folder = DATA_DIR / "posteriordb"
     means = json.loads((folder / "mean_value" / f"{posterior}.json").read_text())
@@ -277,6 +277,24 @@ def _posteriordb_reference(posterior: str) -> Reference:
     return {
         site: {k: np.asarray(v if site in vectors else v[0]) for k, v in entry.items()}
         for site, entry in sites.items()
+    }
+
+
+def posteriordb_draws(posterior: str) -> dict[str, np.ndarray]:
+    """posteriordb's reference draws of ``posterior`` (``data/posteriordb/draws/``), chains
+    pooled: ``{site: (draws,) or (draws, length)}``; Stan's ``x[i]`` (1-based) is column
+    ``i - 1`` of ``x``."""
+    path = DATA_DIR / "posteriordb" / "draws" / f"{posterior}.json.zip"
+    with zipfile.ZipFile(path) as archive:
+        chains = json.loads(archive.read(archive.namelist()[0]))
+    columns: dict[str, list[np.ndarray]] = {}
+    for name in chains[0]:
+        pooled = np.concatenate([np.asarray(chain[name], float) for chain in chains])
+        columns.setdefault(name.split("[")[0], []).append(pooled)
+    vectors = {name.split("[")[0] for name in chains[0] if "[" in name}
+    return {
+        site: np.stack(cols, axis=1) if site in vectors else cols[0]
+        for site, cols in columns.items()
     }
 
 
@@ -304,7 +322,8 @@ class BenchmarkModel(NamedTuple):
     """A model, a loader of its keyword arguments, the sites compared, and their reference.
 
     ``reference()`` returns the gold-standard posterior moments of ``var_names`` (see
-    :data:`Reference`); ``has_centered_form``: the model has a latent whose prior scale is another
+    :data:`Reference`), ``reference_draws()`` (where stored) the draws they come from;
+    ``has_centered_form``: the model has a latent whose prior scale is another
     latent (a hierarchy or a funnel), so its centered and auxiliary forms differ in geometry.
     """
 
@@ -313,6 +332,7 @@ class BenchmarkModel(NamedTuple):
     var_names: tuple[str, ...]
     reference: Callable[[], Reference] | None = None
     has_centered_form: bool = False
+    reference_draws: Callable[[], dict[str, np.ndarray]] | None = None
 
 
 BENCHMARK_MODELS: dict[str, BenchmarkModel] = {
@@ -320,7 +340,7 @@ BENCHMARK_MODELS: dict[str, BenchmarkModel] = {
         eight_schools,
         _eight_schools_data,
         ("mu", "tau", "theta"),
-        lambda: _posteriordb_reference("eight_schools-eight_schools_noncentered"),
+        lambda: posteriordb_moments("eight_schools-eight_schools_noncentered"),
         has_centered_form=True,
     ),
     "german_credit": BenchmarkModel(
@@ -363,28 +383,28 @@ SAMPLER_MODELS: dict[str, BenchmarkModel] = {
         kilpisjarvi,
         _kilpisjarvi_data,
         ("alpha", "beta", "sigma"),
-        lambda: _posteriordb_reference("kilpisjarvi_mod-kilpisjarvi"),
+        lambda: posteriordb_moments("kilpisjarvi_mod-kilpisjarvi"),
     ),
     "arK": BenchmarkModel(
-        arK, _arK_data, ("alpha", "beta", "sigma"), lambda: _posteriordb_reference("arK-arK")
+        arK, _arK_data, ("alpha", "beta", "sigma"), lambda: posteriordb_moments("arK-arK")
     ),
     "low_dim_gauss_mix": BenchmarkModel(
         low_dim_gauss_mix,
         _gauss_mix_data,
         ("mu", "sigma", "theta"),
-        lambda: _posteriordb_reference("low_dim_gauss_mix-low_dim_gauss_mix"),
+        lambda: posteriordb_moments("low_dim_gauss_mix-low_dim_gauss_mix"),
     ),
     "hmm_example": BenchmarkModel(
         hmm_example,
         _hmm_data,
         ("theta1", "theta2", "mu"),
-        lambda: _posteriordb_reference("hmm_example-hmm_example"),
+        lambda: posteriordb_moments("hmm_example-hmm_example"),
     ),
     "diamonds": BenchmarkModel(
         diamonds,
         _diamonds_data,
         ("b", "Intercept", "sigma"),
-        lambda: _posteriordb_reference("diamonds-diamonds"),
+        lambda: posteriordb_moments("diamonds-diamonds"),
     ),
 }
 """The models of ``samplers.py``, each with its reference posterior."""

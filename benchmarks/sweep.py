@@ -31,19 +31,16 @@ import json
 import sys
 import time
 import warnings
-import zipfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import NamedTuple
 
 import arviz as az
 import jax
-import jax.numpy as jnp
 import matplotlib
 import numpy as np
 import numpyro
 import numpyro.distributions as dist
-from numpyro.distributions import constraints
 
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -51,6 +48,7 @@ if __package__ in (None, ""):
 import emdppl  # noqa: E402
 from benchmarks import common  # noqa: E402
 from benchmarks.models import DATA_DIR, SAMPLER_MODELS  # noqa: E402
+from benchmarks.posteriordb_models import ARM_POSTERIORS, ARM_REGRESSIONS  # noqa: E402
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -138,90 +136,6 @@ def _regression_reference() -> Reference:
     return Reference(mean, zero, square, zero)
 
 
-# --------------------------------------------------------------------------------------------
-# posteriordb's ARM-book regressions (flat priors: dist.ImproperUniform, as in the Stan code)
-
-
-def _flat(name: str, support, shape: tuple[int, ...] = ()):
-    return numpyro.sample(name, dist.ImproperUniform(support, (), shape))
-
-
-def earn_height(earn, height):
-    """``earn ~ normal(beta[1] + beta[2] * height, sigma)``, flat priors."""
-    beta = _flat("beta", constraints.real, (2,))
-    sigma = _flat("sigma", constraints.positive)
-    numpyro.sample("earn", dist.Normal(beta[0] + beta[1] * height, sigma), obs=earn)
-
-
-def _log_earnings(design: Callable) -> Callable:
-    """``log(earn) ~ normal(design @ beta, sigma)``, flat priors; ``design(height, male)``
-    returns the (N, K) design with the intercept column first."""
-
-    def model(earn, height, male):
-        x = design(height, male)
-        beta = _flat("beta", constraints.real, (x.shape[1],))
-        sigma = _flat("sigma", constraints.positive)
-        numpyro.sample("log_earn", dist.Normal(x @ beta, sigma), obs=jnp.log(earn))
-
-    return model
-
-
-def _interaction(height, male):
-    return jnp.stack([jnp.ones_like(height), height, male, height * male], axis=1)
-
-
-def _interaction_z(height, male):
-    z = (height - height.mean()) / height.std(ddof=1)  # Stan's sd() divides by N - 1
-    return jnp.stack([jnp.ones_like(z), z, male, z * male], axis=1)
-
-
-def _logheight_male(height, male):
-    return jnp.stack([jnp.ones_like(height), jnp.log(height), male], axis=1)
-
-
-def _kid_score(design: Callable, sigma_prior: bool = False) -> Callable:
-    """``kid_score ~ normal(design @ beta, sigma)``, flat beta; ``sigma ~ cauchy(0, 2.5)`` on
-    ``sigma > 0`` when ``sigma_prior`` (a half-Cauchy), else flat."""
-
-    def model(kid_score, **columns):
-        x = design(**columns)
-        beta = _flat("beta", constraints.real, (x.shape[1],))
-        if sigma_prior:
-            sigma = numpyro.sample("sigma", dist.HalfCauchy(2.5))
-        else:
-            sigma = _flat("sigma", constraints.positive)
-        numpyro.sample("kid_score", dist.Normal(x @ beta, sigma), obs=kid_score)
-
-    return model
-
-
-def _kid_interaction(mom_hs, mom_iq):
-    return jnp.stack([jnp.ones_like(mom_hs), mom_hs, mom_iq, mom_hs * mom_iq], axis=1)
-
-
-def _kid_interaction_c(mom_hs, mom_iq):
-    hs, iq = mom_hs - mom_hs.mean(), mom_iq - mom_iq.mean()
-    return jnp.stack([jnp.ones_like(hs), hs, iq, hs * iq], axis=1)
-
-
-def _kid_mom_work(mom_work):
-    dummies = [(mom_work == k).astype(float) for k in (2, 3, 4)]
-    return jnp.stack([jnp.ones_like(mom_work, dtype=float), *dummies], axis=1)
-
-
-def _data(name: str) -> dict:
-    with zipfile.ZipFile(POSTERIORDB / "data" / f"{name}.json.zip") as archive:
-        return json.loads(archive.read(archive.namelist()[0]))
-
-
-def _columns(name: str, keys: tuple[str, ...], dtype=np.float32) -> Callable[[], dict]:
-    def load() -> dict:
-        data = _data(name)
-        return {k: np.asarray(data[k], dtype) for k in keys}
-
-    return load
-
-
 def posteriordb_reference(posterior: str) -> Reference:
     """E[x] and E[x^2], each with its MCSE, from posteriordb's summary statistics; Stan's
     ``beta[i]`` (1-based) becomes ``beta[i - 1]``."""
@@ -272,21 +186,11 @@ def _benchmark(name: str, mean_only: tuple[str, ...] = ()) -> Posterior:
     )
 
 
-def _earnings(model: Callable, keys: tuple[str, ...], posterior: str) -> Posterior:
+def _arm(name: str) -> Posterior:
+    bench = ARM_REGRESSIONS[name]
+    posterior = ARM_POSTERIORS[name]
     return Posterior(
-        model,
-        _columns("earnings", keys),
-        ("beta", "sigma"),
-        lambda: posteriordb_reference(posterior),
-    )
-
-
-def _kidiq(model: Callable, data: str, keys: tuple[str, ...], posterior: str) -> Posterior:
-    return Posterior(
-        model,
-        _columns(data, ("kid_score", *keys)),
-        ("beta", "sigma"),
-        lambda: posteriordb_reference(posterior),
+        bench.model, bench.load_kwargs, bench.var_names, lambda: posteriordb_reference(posterior)
     )
 
 
@@ -303,38 +207,7 @@ POSTERIORS: dict[str, Posterior] = {
             "diamonds",
         )
     },
-    "earn_height": _earnings(earn_height, ("earn", "height"), "earnings-earn_height"),
-    "logearn_interaction": _earnings(
-        _log_earnings(_interaction), ("earn", "height", "male"), "earnings-logearn_interaction"
-    ),
-    "logearn_interaction_z": _earnings(
-        _log_earnings(_interaction_z),
-        ("earn", "height", "male"),
-        "earnings-logearn_interaction_z",
-    ),
-    "logearn_logheight_male": _earnings(
-        _log_earnings(_logheight_male),
-        ("earn", "height", "male"),
-        "earnings-logearn_logheight_male",
-    ),
-    "kidscore_interaction": _kidiq(
-        _kid_score(_kid_interaction, sigma_prior=True),
-        "kidiq",
-        ("mom_hs", "mom_iq"),
-        "kidiq-kidscore_interaction",
-    ),
-    "kidscore_interaction_c": _kidiq(
-        _kid_score(_kid_interaction_c),
-        "kidiq_with_mom_work",
-        ("mom_hs", "mom_iq"),
-        "kidiq_with_mom_work-kidscore_interaction_c",
-    ),
-    "kidscore_mom_work": _kidiq(
-        _kid_score(_kid_mom_work),
-        "kidiq_with_mom_work",
-        ("mom_work",),
-        "kidiq_with_mom_work-kidscore_mom_work",
-    ),
+    **{name: _arm(name) for name in ARM_REGRESSIONS},
     **{name: _benchmark(name) for name in ("german_credit", "banana", "brownian_motion")},
     "neals_funnel": _benchmark("neals_funnel", mean_only=("x",)),
 }

@@ -2,7 +2,8 @@ r"""Curvature of a log density: its Hessian at a point or averaged over points, 
 marginal sds of the Gaussian it is the precision of.
 
 This module holds :func:`hessian` (exact where JAX differentiates twice, central differences of
-the gradient where it cannot, as for a torch or Pyro log density behind a callback), its mean
+the gradient where it cannot, as for a torch or Pyro log density behind a callback or a model
+that solves an ODE with diffrax, whose adjoint is a ``custom_vjp``), its mean
 over points (:func:`mean_hessian`), and :func:`laplace_marginal_sd`, the sds
 :math:`\sqrt{(H^{-1})_{ii}}` of a Gaussian with precision :math:`H`. The Laplace
 standardisation of a density teacher and the guide-scale checks of SVI (NumPyro and Pyro
@@ -18,7 +19,9 @@ import jax.numpy as jnp
 
 __all__ = [
     "MAX_CURVATURE_DIM",
+    "NO_SECOND_DERIVATIVE",
     "NUM_CURVATURE_DRAWS",
+    "difference_hessian",
     "hessian",
     "laplace_marginal_sd",
     "mean_hessian",
@@ -33,17 +36,30 @@ MAX_CURVATURE_DIM = 512
 NUM_CURVATURE_DRAWS = 16
 
 
+#: What tracing a forward-mode derivative raises when a function has a gradient but no JVP: a
+#: host callback (ValueError) or a ``jax.custom_vjp`` function such as diffrax's
+#: checkpointed adjoint (TypeError). A genuine error in the function is raised again by the
+#: gradient the fallback then takes.
+NO_SECOND_DERIVATIVE = (ValueError, TypeError)
+
+
 def hessian(loss: Callable, x: jax.Array) -> jax.Array:
     r"""The Hessian ``(d, d)`` of ``loss`` at ``x (d,)``: exact where JAX can differentiate
-    ``loss`` twice, otherwise central differences of its gradient with steps
-    :math:`\epsilon^{1/3}\max(1, |x_i|)` (a log density computed on the host, such as a torch
-    or Pyro model behind a callback, has a JAX gradient but no second derivative)."""
+    ``loss`` twice, otherwise :func:`difference_hessian` of its gradient (a log density
+    computed on the host, such as a torch or Pyro model behind a callback, or one that solves
+    an ODE through a ``custom_vjp`` adjoint, has a gradient but no forward-mode derivative)."""
     try:
         return jax.hessian(loss)(x)
-    except ValueError:  # raised while tracing: the callback has no JVP rule
+    except NO_SECOND_DERIVATIVE:  # raised while tracing
         pass
+    return difference_hessian(jax.grad(loss), x)
+
+
+def difference_hessian(grad_fn: Callable, x: jax.Array) -> jax.Array:
+    r"""The symmetrised central differences ``(d, d)`` of ``grad_fn`` at ``x (d,)``, steps
+    :math:`\epsilon^{1/3}\max(1, |x_i|)`: ``2 d`` gradient evaluations, vectorised."""
     h = jnp.finfo(x.dtype).eps ** (1 / 3) * jnp.maximum(1.0, jnp.abs(x))
-    grad = jax.vmap(jax.grad(loss))
+    grad = jax.vmap(grad_fn)
     rows = (grad(x + jnp.diag(h)) - grad(x - jnp.diag(h))) / (2 * h[:, None])
     return 0.5 * (rows + rows.T)
 

@@ -151,17 +151,29 @@ def _chains_below(values: np.ndarray, threshold: float, message) -> list[str]:
     return [message(low.tolist(), np.round(values[low], 8).tolist())]
 
 
-def _stats_checks(stats: dict, sampler: str, is_auxiliary: bool, max_tree_depth) -> list[str]:
+def _raise_target_accept(sampler: str, target_accept: float | None) -> str:
+    """The advice to raise the target acceptance above ``target_accept`` (``None``: the
+    sampler's default, below 0.95), to 0.95 and then 0.99; ``""`` from 0.99 on."""
+    if target_accept is not None and target_accept >= 0.99:
+        return ""
+    higher = 0.95 if target_accept is None or target_accept < 0.95 else 0.99
+    return f"raise the target acceptance (emdppl.MCMC({sampler!r}, target_accept={higher})) or "
+
+
+def _stats_checks(
+    stats: dict, sampler: str, is_auxiliary: bool, max_tree_depth, target_accept
+) -> list[str]:
     messages = []
     if "diverging" in stats and int(np.sum(stats["diverging"])):
         count, total = int(np.sum(stats["diverging"])), np.size(stats["diverging"])
         fix = (
-            f"raise the target acceptance (emdppl.MCMC({sampler!r}, target_accept=0.95)) or "
+            "sample the auxiliary form (emdppl.infer(..., auxiliary=True), the default) or "
+            if not is_auxiliary
+            else ""
+        ) + _raise_target_accept(sampler, target_accept)
+        fix += (
             "reparametrise the sites where the divergences concentrate (az.plot_pair("
             "idata, divergences=True))"
-            if is_auxiliary
-            else "sample the auxiliary form (emdppl.infer(..., auxiliary=True), the default) "
-            f"or raise the target acceptance (emdppl.MCMC({sampler!r}, target_accept=0.95))"
         )
         messages.append(
             f"{count} of {total} transitions diverged: the draws may be biased. Fix: {fix}."
@@ -204,6 +216,7 @@ def check_mcmc(
     *,
     is_auxiliary: bool = True,
     max_tree_depth: int | None = None,
+    target_accept: float | None = None,
 ) -> list[str]:
     """The problems of an MCMC run, one message each (empty when it passes every check).
 
@@ -220,9 +233,12 @@ def check_mcmc(
         Whether the run sampled the auxiliary form (decides the divergence advice).
     max_tree_depth
         NUTS's ``max_num_doublings``.
+    target_accept
+        The run's target acceptance (``None``: the sampler's default); the divergence advice
+        names a higher one.
     """
     return _chain_checks(draws, sampler) + _stats_checks(
-        stats, sampler, is_auxiliary, max_tree_depth
+        stats, sampler, is_auxiliary, max_tree_depth, target_accept
     )
 
 

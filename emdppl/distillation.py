@@ -30,6 +30,7 @@ from emdppl.driver import check_checkpoint_dir, checkpoint_exists, run
 from emdppl.estep import run_chain
 from emdppl.sharding import Devices, batch_mesh, describe, replicate, to_host
 from emdppl.teachers import (
+    NUM_LAPLACE_STARTS,
     SMOOTHINGS,
     AbstractTeacher,
     DensityTeacher,
@@ -432,7 +433,8 @@ class OwnDensityStudent(generators_module.AbstractGenerator):
 class EMD:
     r"""EM distillation of a model's posterior, for :func:`emdppl.infer`.
 
-    The posterior (unconstrained, auxiliary space, standardised by a Laplace fit) is the
+    The posterior (unconstrained, auxiliary space, standardised by a Laplace fit at the highest
+    optimum L-BFGS reaches from :data:`~emdppl.teachers.NUM_LAPLACE_STARTS` starts) is the
     teacher (:func:`emdppl.teachers.density_teacher`). The default generator is
     :func:`emdppl.generators.sinh_arcsinh` (a small flow with an exact density); ``"maf"`` a
     masked autoregressive flow, ``"affine"`` a full-rank Gaussian, ``"mlp"`` an MLP with a
@@ -581,7 +583,7 @@ class EMD:
         from emdppl.inference_data import to_arviz
 
         k_target, k_distill, k_sample = jax.random.split(as_key(rng_key), 3)
-        target = problem.target(1, k_target)
+        target = problem.target(NUM_LAPLACE_STARTS, k_target)
         teacher = density_teacher(target, sigma_max=self.sigma_max, smoothing=self.smoothing)
         config = self.config
         if not self._has_optimizer:

@@ -349,6 +349,7 @@ class MCMC:
             self.sampler,
             is_auxiliary=is_auxiliary,
             max_tree_depth=self.options.get("max_num_doublings"),
+            target_accept=self.options.get("target_accept"),
         )
         warn(problems, f"emdppl.MCMC({self.sampler!r})")
         return MCMCResult(

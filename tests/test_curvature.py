@@ -4,8 +4,10 @@ points, and the marginal sds of the Gaussian with that precision."""
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from emdppl import curvature
+from emdppl.samplers import hessian_diagonal
 
 
 def _host_loss(precision: np.ndarray):
@@ -65,3 +67,31 @@ def test_laplace_marginal_sd():
     np.testing.assert_allclose(
         curvature.laplace_marginal_sd(jnp.asarray(indefinite)), np.sqrt(kept), rtol=1e-4
     )
+
+
+def _custom_vjp_loss(precision: np.ndarray):
+    """The same loss in JAX behind ``jax.custom_vjp``, as diffrax's checkpointed ODE adjoint
+    is: a gradient, but forward mode raises TypeError, not the callback's ValueError."""
+
+    @jax.custom_vjp
+    def loss(x):
+        return 0.5 * x @ jnp.asarray(precision, x.dtype) @ x + (x**4).sum() / 4
+
+    def fwd(x):
+        return loss(x), jnp.asarray(precision, x.dtype) @ x + x**3
+
+    loss.defvjp(fwd, lambda grad, g: (g * grad,))
+    return loss
+
+
+def test_hessian_of_a_custom_vjp_function_falls_back_to_gradient_differences():
+    precision = np.array([[2.0, 0.5, 0.0], [0.5, 1.0, 0.3], [0.0, 0.3, 3.0]])
+    loss = _custom_vjp_loss(precision)
+    x = jnp.array([1.0, 0.5, -2.0])
+    with pytest.raises(TypeError, match="custom_vjp"):
+        jax.hessian(loss)(x)
+    truth = precision + np.diag(3 * np.asarray(x) ** 2)
+    # the same float32 difference error as above
+    np.testing.assert_allclose(curvature.hessian(loss, x), truth, rtol=2e-3, atol=2e-3)
+    diagonal = hessian_diagonal(lambda v: -loss(v), x)
+    np.testing.assert_allclose(diagonal, -np.diag(truth), rtol=2e-3, atol=2e-3)

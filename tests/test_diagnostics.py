@@ -46,7 +46,14 @@ def test_stats_checks():
     assert "step size collapsed to [5e-06, 5e-06]" in text
     auxiliary = diagnostics.check_mcmc(x, {"diverging": stats["diverging"]}, "nuts")
     (divergence,) = [m for m in auxiliary if "diverged" in m]
-    assert "sample the auxiliary form" not in divergence and "target_accept" in divergence
+    assert "sample the auxiliary form" not in divergence and "target_accept=0.95" in divergence
+    # a run already at 0.95 is told 0.99; one at 0.99 is told to reparametrise only
+    (at_95,) = [m for m in diagnostics.check_mcmc(
+        x, {"diverging": stats["diverging"]}, "nuts", target_accept=0.95) if "diverged" in m]
+    assert "target_accept=0.99" in at_95
+    (at_99,) = [m for m in diagnostics.check_mcmc(
+        x, {"diverging": stats["diverging"]}, "nuts", target_accept=0.99) if "diverged" in m]
+    assert "target_accept" not in at_99 and "reparametrise" in at_99
 
 
 def test_constrained_nan_is_named():

@@ -164,6 +164,25 @@ def test_laplace_standardization_of_a_log_density_jax_differentiates_once():
     np.testing.assert_allclose(scale_tril @ scale_tril.T, cov, atol=2e-3)
 
 
+def test_laplace_standardization_keeps_the_highest_of_several_starts():
+    """Two separated modes, 0.3 N(-3, 0.5^2) + 0.7 N(3, 0.5^2): a start at -3 ends at the lower
+    mode, so whatever the order of the starts the fit is the higher one's (mean 3, sd 0.5);
+    a start whose density is not finite is passed over."""
+    mixture = jnp.log(jnp.array([0.3, 0.7]))
+
+    def logdensity(x):
+        return jax.nn.logsumexp(mixture - 0.5 * ((x[0] - jnp.array([-3.0, 3.0])) / 0.5) ** 2)
+
+    alone = teachers.laplace_standardization(logdensity, lambda x: x, jnp.array([-3.2]))
+    np.testing.assert_allclose(alone[0], [-3.0], atol=1e-3)
+    for starts in ([[-3.2], [2.5]], [[2.5], [-3.2]], [[jnp.inf], [-3.2], [2.5]]):
+        shift, scale_tril = teachers.laplace_standardization(
+            logdensity, lambda x: x, jnp.array(starts)
+        )
+        np.testing.assert_allclose(shift, [3.0], atol=1e-3)
+        np.testing.assert_allclose(scale_tril, [[0.5]], rtol=1e-3)
+
+
 def test_generators_shapes_and_numpyro_model():
     key = jax.random.key(0)
     generator = generators.mlp(2, 3, key=key)
