@@ -5,11 +5,12 @@ regression; reference: NUTS in the same process, 4 x 1000 draws) and posteriordb
 (eight schools, arK, kilpisjarvi, low_dim_gauss_mix, the seven earnings / kidiq regressions and
 the two ODE models of ``posteriordb_models.py``; reference: posteriordb's draws). Per model:
 max over scalar components of |mean - mean_ref| / sd_ref and of |log(sd / sd_ref)| of the
-returned (importance-resampled) draws, and for NUTS references the same with every positive
-site on the log scale (``*_unconstrained``: a heavy right tail has no estimable sd on the
-natural scale); ``--no-importance-resampling`` for the raw generator's draws; skipped (NaN)
-steps, PSIS k-hat and importance ESS, whether EMD warned, wall seconds; the two errors per site
-too (``site_errors``).
+returned (importance-resampled) draws, and for references with draws (NUTS; posteriordb's
+stored draws of the ODE models) the same with every positive site on the log scale
+(``*_unconstrained``: a heavy right tail has no estimable sd on the natural scale);
+``--no-importance-resampling`` for the raw generator's draws; skipped (NaN) steps, PSIS k-hat
+and importance ESS, whether EMD warned, wall seconds; the two errors per site too
+(``site_errors``).
 Writes ``emd_posteriors.json`` and ``.png``.
 
     .venv/bin/python -m benchmarks.emd_posteriors            # all models, ~45 min on 2 cores
@@ -153,7 +154,7 @@ def run_model(name: str, seed: int, emd_options: dict) -> dict:
             strict=True)
     )
     row["site_errors"] = site_errors(draws, reference["sites"])
-    if "unconstrained" in reference:  # positive sites on the log scale too (NUTS references)
+    if "unconstrained" in reference:  # positive sites on the log scale too (references with draws)
         positive = {
             site for site in draws if not np.allclose(
                 reference["unconstrained"][site]["mean"], reference["sites"][site]["mean"]

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-import diffrax
 import jax.numpy as jnp
 import numpy as np
 import numpyro
@@ -20,18 +19,20 @@ from numpyro.distributions import constraints
 
 from benchmarks.models import (
     BenchmarkModel,
-    flat,
     posteriordb_data,
     posteriordb_draws,
     posteriordb_moments,
 )
 
 __all__ = [
+    "ARM_POSTERIORS",
     "ARM_REGRESSIONS",
     "ODE_MODELS",
+    "columns",
     "earn_height",
     "lotka_volterra",
     "one_comp_mm_elim_abs",
+    "predator_prey",
     "solve_ode",
 ]
 
@@ -50,10 +51,15 @@ def columns(name: str, keys: tuple[str, ...], dtype=np.float32) -> Callable[[], 
 # The ARM book's regressions (Gelman & Hill 2006, chs. 3-4), flat priors as in the Stan code
 
 
+def _improper_flat(name: str, support: constraints.Constraint, shape: tuple[int, ...] = ()):
+    """A Stan parameter without a prior: ``dist.ImproperUniform`` on ``support``."""
+    return numpyro.sample(name, dist.ImproperUniform(support, (), shape))
+
+
 def earn_height(earn, height):
     """``earn ~ normal(beta[1] + beta[2] * height, sigma)``, flat priors."""
-    beta = flat("beta", constraints.real, (2,))
-    sigma = flat("sigma", constraints.positive)
+    beta = _improper_flat("beta", constraints.real, (2,))
+    sigma = _improper_flat("sigma", constraints.positive)
     numpyro.sample("earn", dist.Normal(beta[0] + beta[1] * height, sigma), obs=earn)
 
 
@@ -63,8 +69,8 @@ def log_earnings(design: Callable) -> Callable:
 
     def model(earn, height, male):
         x = design(height, male)
-        beta = flat("beta", constraints.real, (x.shape[1],))
-        sigma = flat("sigma", constraints.positive)
+        beta = _improper_flat("beta", constraints.real, (x.shape[1],))
+        sigma = _improper_flat("sigma", constraints.positive)
         numpyro.sample("log_earn", dist.Normal(x @ beta, sigma), obs=jnp.log(earn))
 
     return model
@@ -89,11 +95,11 @@ def kid_score(design: Callable, sigma_prior: bool = False) -> Callable:
 
     def model(kid_score, **columns):
         x = design(**columns)
-        beta = flat("beta", constraints.real, (x.shape[1],))
+        beta = _improper_flat("beta", constraints.real, (x.shape[1],))
         if sigma_prior:
             sigma = numpyro.sample("sigma", dist.HalfCauchy(2.5))
         else:
-            sigma = flat("sigma", constraints.positive)
+            sigma = _improper_flat("sigma", constraints.positive)
         numpyro.sample("kid_score", dist.Normal(x @ beta, sigma), obs=kid_score)
 
     return model
@@ -186,7 +192,9 @@ def solve_ode(
     """``y(ts)`` of ``dy/dt = rhs(t, y, args)``, ``y(0) = y0``: shape ``(len(ts),) + y0.shape``.
 
     Dopri5 with a PID step controller (Stan's ``rk45`` is the same pair); NaN where the solve
-    did not finish within ``max_steps``."""
+    did not finish within ``max_steps`` (in all, over every interval of ``ts``)."""
+    import diffrax  # the dev extra's; only the ODE models need it
+
     solution = diffrax.diffeqsolve(
         diffrax.ODETerm(rhs),
         diffrax.Dopri5(),
@@ -217,8 +225,9 @@ def lotka_volterra(ts: jnp.ndarray, y_init: jnp.ndarray, y: jnp.ndarray) -> None
     ``z_init`` at t = 0; :math:`\alpha, \gamma \sim N^+(1, 0.5)`, :math:`\beta, \delta \sim
     N^+(0.05, 0.05)`, ``z_init`` :math:`\sim \mathrm{LogNormal}(\log 10, 1)`, ``sigma``
     :math:`\sim \mathrm{LogNormal}(-1, 1)`; ``y_init`` (2,) and ``y`` (N, 2) are log-normal
-    about ``z_init`` and ``z(ts)``; ``ts`` (N,). Stan's rk45 settings (1e-5 relative, 1e-3
-    absolute tolerance, at most 500 steps)."""
+    about ``z_init`` and ``z(ts)``; ``ts`` (N,). Stan's rk45 tolerances (1e-5 relative, 1e-3
+    absolute) and step limit 500, here over the whole solve (Stan's counts per output
+    interval, so this one is stricter)."""
     theta = numpyro.sample(
         "theta",
         dist.TruncatedNormal(
@@ -245,9 +254,10 @@ def one_comp_mm_elim_abs(times: jnp.ndarray, C_hat: jnp.ndarray, D, V) -> None: 
     :math:`\dot C = e^{-k_a t} D k_a / V - (V_m / V)\, C / (K_m + C)`, :math:`C(0) = 0`;
     :math:`k_a, K_m, V_m, \sigma \sim \mathrm{HalfCauchy}(1)`;
     ``C_hat`` :math:`\sim \mathrm{LogNormal}(\log C(\mathrm{times}), \sigma)`, ``times`` (N,).
-    Stan's ``if (t > 0)`` on the dose term differs only at t = 0, a point of measure zero; its
-    BDF tolerances (1e-6 relative and absolute) are kept, with an explicit solver (the system
-    is not stiff where the posterior has its mass)."""
+    Stan's ``if (t > 0)`` on the dose term differs only at t = 0, a point of measure zero.
+    Tolerances 1e-6 relative and absolute (Stan's ``integrate_ode_bdf`` defaults to 1e-10,
+    beyond float32), an explicit solver (the system is not stiff where the posterior has its
+    mass), at most 4096 steps."""
     k_a = numpyro.sample("k_a", dist.HalfCauchy(1.0))
     k_m = numpyro.sample("K_m", dist.HalfCauchy(1.0))
     v_m = numpyro.sample("V_m", dist.HalfCauchy(1.0))

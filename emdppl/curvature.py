@@ -19,10 +19,11 @@ import jax.numpy as jnp
 
 __all__ = [
     "MAX_CURVATURE_DIM",
-    "NO_SECOND_DERIVATIVE",
     "NUM_CURVATURE_DRAWS",
+    "difference_diagonal",
     "difference_hessian",
     "hessian",
+    "lacks_forward_mode",
     "laplace_marginal_sd",
     "mean_hessian",
 ]
@@ -36,11 +37,14 @@ MAX_CURVATURE_DIM = 512
 NUM_CURVATURE_DRAWS = 16
 
 
-#: What tracing a forward-mode derivative raises when a function has a gradient but no JVP: a
-#: host callback (ValueError) or a ``jax.custom_vjp`` function such as diffrax's
-#: checkpointed adjoint (TypeError). A genuine error in the function is raised again by the
-#: gradient the fallback then takes.
-NO_SECOND_DERIVATIVE = (ValueError, TypeError)
+def lacks_forward_mode(error: Exception) -> bool:
+    """Whether ``error``, raised while tracing a forward-mode derivative, says the function has
+    a gradient but no JVP: a host callback (``ValueError``) or a ``jax.custom_vjp`` function
+    such as diffrax's checkpointed ODE adjoint (a ``TypeError`` naming ``custom_vjp``). Any
+    other error is the function's own and is raised again."""
+    return isinstance(error, ValueError) or (
+        isinstance(error, TypeError) and "custom_vjp" in str(error)
+    )
 
 
 def hessian(loss: Callable, x: jax.Array) -> jax.Array:
@@ -50,18 +54,35 @@ def hessian(loss: Callable, x: jax.Array) -> jax.Array:
     an ODE through a ``custom_vjp`` adjoint, has a gradient but no forward-mode derivative)."""
     try:
         return jax.hessian(loss)(x)
-    except NO_SECOND_DERIVATIVE:  # raised while tracing
-        pass
+    except (ValueError, TypeError) as error:  # raised while tracing
+        if not lacks_forward_mode(error):
+            raise
     return difference_hessian(jax.grad(loss), x)
+
+
+def _difference_steps(x: jax.Array) -> jax.Array:
+    return jnp.finfo(x.dtype).eps ** (1 / 3) * jnp.maximum(1.0, jnp.abs(x))
 
 
 def difference_hessian(grad_fn: Callable, x: jax.Array) -> jax.Array:
     r"""The symmetrised central differences ``(d, d)`` of ``grad_fn`` at ``x (d,)``, steps
     :math:`\epsilon^{1/3}\max(1, |x_i|)`: ``2 d`` gradient evaluations, vectorised."""
-    h = jnp.finfo(x.dtype).eps ** (1 / 3) * jnp.maximum(1.0, jnp.abs(x))
+    h = _difference_steps(x)
     grad = jax.vmap(grad_fn)
     rows = (grad(x + jnp.diag(h)) - grad(x - jnp.diag(h))) / (2 * h[:, None])
     return 0.5 * (rows + rows.T)
+
+
+def difference_diagonal(grad_fn: Callable, x: jax.Array) -> jax.Array:
+    r"""The diagonal ``(d,)`` of :func:`difference_hessian`, 16 coordinates at a time (``2 d``
+    gradient evaluations, memory for 32 of them)."""
+    h = _difference_steps(x)
+
+    def curvature(i):
+        step = jax.nn.one_hot(i, x.shape[0], dtype=x.dtype) * h[i]
+        return (grad_fn(x + step)[i] - grad_fn(x - step)[i]) / (2 * h[i])
+
+    return jax.lax.map(curvature, jnp.arange(x.shape[0]), batch_size=16)
 
 
 def mean_hessian(loss: Callable, points: jax.Array) -> jax.Array:

@@ -39,7 +39,7 @@ from blackjax.adaptation.metric_recipes import MetricCore
 from jax.flatten_util import ravel_pytree
 
 from emdppl.base import PRNGKey, PyTree
-from emdppl.curvature import NO_SECOND_DERIVATIVE, difference_hessian
+from emdppl.curvature import difference_diagonal, lacks_forward_mode
 from emdppl.kernels import mala as mala_module
 from emdppl.kernels import ula as ula_module
 
@@ -319,7 +319,7 @@ def hessian_diagonal(logdensity_fn: Callable, position: PyTree) -> jax.Array:
     :math:`H_{ii} = e_i^\top \nabla^2 \log p(x)\, e_i`, one Hessian-vector product (forward over
     reverse) per coordinate, 16 at a time: about ``2 d`` gradient evaluations for a position of
     ``d`` scalars; central differences of the gradient where the density has no forward-mode
-    derivative (:func:`emdppl.curvature.difference_hessian`). Returns shape ``(d,)``.
+    derivative (:func:`emdppl.curvature.difference_diagonal`). Returns shape ``(d,)``.
     """
     x, unravel = ravel_pytree(position)
     grad_fn = jax.grad(lambda v: logdensity_fn(unravel(v)))
@@ -330,8 +330,10 @@ def hessian_diagonal(logdensity_fn: Callable, position: PyTree) -> jax.Array:
 
     try:
         return jax.lax.map(curvature, jnp.arange(x.shape[0]), batch_size=16)
-    except NO_SECOND_DERIVATIVE:  # raised while tracing
-        return jnp.diagonal(difference_hessian(grad_fn, x))
+    except (ValueError, TypeError) as error:  # raised while tracing
+        if not lacks_forward_mode(error):
+            raise
+        return difference_diagonal(grad_fn, x)
 
 
 def laplace_inverse_mass_matrix(logdensity_fn: Callable, position: PyTree) -> jax.Array:

@@ -493,7 +493,7 @@ def from_model(
     auxiliary
         Write the model in auxiliary (non-centred) form first.
     rng_key
-        Seed for finding a valid initial point (used for shapes only).
+        Seed of the :data:`NUM_LAPLACE_STARTS` valid initial points the Laplace fit starts from.
     sigma_max
         Largest noise level of the Laplace-smoothed score (see :class:`DensityTeacher`),
         relative to posterior scales of order one.
@@ -587,13 +587,17 @@ def laplace_standardization(
     approximation: :math:`m` the highest mode L-BFGS reaches from the start(s) ``x0`` (``(d,)``
     or ``(n, d)``), :math:`L L^T = H^{-1}` with :math:`H` the negative Hessian there, its
     eigenvalues floored at :math:`10^{-6}\lambda_{max}` (flat or non-convex directions). Falls
-    back to (the first start, :math:`I`) when the mode or the Hessian is not finite."""
+    back to (the first finite start, :math:`I`) when no start reaches a finite mode, and to
+    (the mode, :math:`I`) when the Hessian there is not finite."""
     starts = jnp.atleast_2d(jnp.asarray(x0))
     mode, lp, hessian = _laplace(logdensity_fn, unravel_fn, starts, num_steps)
     mode, hessian = np.asarray(mode, np.float64), np.asarray(hessian, np.float64)
     dtype, d = starts.dtype, mode.shape[0]
-    if not (np.isfinite(lp) and np.isfinite(mode).all() and np.isfinite(hessian).all()):
-        return starts[0], jnp.eye(d, dtype=dtype)
+    if not (np.isfinite(lp) and np.isfinite(mode).all()):
+        finite = np.flatnonzero(np.isfinite(np.asarray(starts)).all(axis=1))
+        return starts[finite[0] if finite.size else 0], jnp.eye(d, dtype=dtype)
+    if not np.isfinite(hessian).all():
+        return jnp.asarray(mode, dtype), jnp.eye(d, dtype=dtype)
     eigenvalues, vectors = np.linalg.eigh(0.5 * (hessian + hessian.T))
     if not eigenvalues.max() > 0:
         return jnp.asarray(mode, dtype), jnp.eye(d, dtype=dtype)

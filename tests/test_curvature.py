@@ -95,3 +95,14 @@ def test_hessian_of_a_custom_vjp_function_falls_back_to_gradient_differences():
     np.testing.assert_allclose(curvature.hessian(loss, x), truth, rtol=2e-3, atol=2e-3)
     diagonal = hessian_diagonal(lambda v: -loss(v), x)
     np.testing.assert_allclose(diagonal, -np.diag(truth), rtol=2e-3, atol=2e-3)
+
+
+def test_an_error_of_the_function_itself_is_not_taken_for_a_missing_jvp():
+    """A TypeError that does not name custom_vjp (here a shape error) is raised, not replaced
+    by gradient differences."""
+
+    def broken(x):
+        return jnp.sum(x @ jnp.ones((5, 5)))
+
+    with pytest.raises(TypeError, match="dot_general"):
+        curvature.hessian(broken, jnp.ones(3))
