@@ -22,6 +22,7 @@ __all__ = [
     "NUM_CURVATURE_DRAWS",
     "difference_diagonal",
     "difference_hessian",
+    "exact_or_differences",
     "hessian",
     "lacks_forward_mode",
     "laplace_marginal_sd",
@@ -47,17 +48,26 @@ def lacks_forward_mode(error: Exception) -> bool:
     )
 
 
+def exact_or_differences(exact: Callable[[], jax.Array], differences: Callable[[], jax.Array]):
+    """``exact()`` (a forward-over-reverse derivative), or ``differences()`` (its gradient
+    differences) when tracing it shows the function has no forward mode
+    (:func:`lacks_forward_mode`); any other error is raised."""
+    try:
+        return exact()
+    except (ValueError, TypeError) as error:  # raised while tracing
+        if not lacks_forward_mode(error):
+            raise
+    return differences()
+
+
 def hessian(loss: Callable, x: jax.Array) -> jax.Array:
     r"""The Hessian ``(d, d)`` of ``loss`` at ``x (d,)``: exact where JAX can differentiate
     ``loss`` twice, otherwise :func:`difference_hessian` of its gradient (a log density
     computed on the host, such as a torch or Pyro model behind a callback, or one that solves
     an ODE through a ``custom_vjp`` adjoint, has a gradient but no forward-mode derivative)."""
-    try:
-        return jax.hessian(loss)(x)
-    except (ValueError, TypeError) as error:  # raised while tracing
-        if not lacks_forward_mode(error):
-            raise
-    return difference_hessian(jax.grad(loss), x)
+    return exact_or_differences(
+        lambda: jax.hessian(loss)(x), lambda: difference_hessian(jax.grad(loss), x)
+    )
 
 
 def _difference_steps(x: jax.Array) -> jax.Array:

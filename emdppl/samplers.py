@@ -39,7 +39,7 @@ from blackjax.adaptation.metric_recipes import MetricCore
 from jax.flatten_util import ravel_pytree
 
 from emdppl.base import PRNGKey, PyTree
-from emdppl.curvature import difference_diagonal, lacks_forward_mode
+from emdppl.curvature import difference_diagonal, exact_or_differences
 from emdppl.kernels import mala as mala_module
 from emdppl.kernels import ula as ula_module
 
@@ -328,12 +328,10 @@ def hessian_diagonal(logdensity_fn: Callable, position: PyTree) -> jax.Array:
         e = jax.nn.one_hot(i, x.shape[0], dtype=x.dtype)
         return e @ jax.jvp(grad_fn, (x,), (e,))[1]
 
-    try:
-        return jax.lax.map(curvature, jnp.arange(x.shape[0]), batch_size=16)
-    except (ValueError, TypeError) as error:  # raised while tracing
-        if not lacks_forward_mode(error):
-            raise
-        return difference_diagonal(grad_fn, x)
+    return exact_or_differences(
+        lambda: jax.lax.map(curvature, jnp.arange(x.shape[0]), batch_size=16),
+        lambda: difference_diagonal(grad_fn, x),
+    )
 
 
 def laplace_inverse_mass_matrix(logdensity_fn: Callable, position: PyTree) -> jax.Array:
