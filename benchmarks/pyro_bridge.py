@@ -1,16 +1,20 @@
 """The torch bridge on eight schools: per-call cost and NUTS ESS per second.
 
 1. Per call, value and gradient of the auxiliary log density: the Pyro model through
-   ``emdppl.bridge.target_from_pyro`` (torch on the host, one ``pure_callback`` round trip)
-   against the NumPyro twin (``emdppl.Target.from_numpyro``, native JAX), for 1 and 4 chains
-   (vmapped).
+   ``emdppl.bridge.target_from_pyro`` (torch on the host, one ``pure_callback`` round trip for
+   all chains, ``torch.func.vmap``-ed) against the NumPyro twin (``emdppl.Target.from_numpyro``,
+   native JAX), for 1, 4, 16 and 64 chains (vmapped).
 2. NUTS (target acceptance 0.95, same warm-up and draws, auxiliary form): emdppl on the Pyro
-   target (the bridge), emdppl on the NumPyro twin, and Pyro's own ``pyro.infer.NUTS`` on the same
-   auxiliary Pyro model, its chains run one after another. ESS is the minimum bulk ESS over
-   ``mu``, ``tau`` and ``theta``; seconds are wall-clock of the whole run (compilation included).
+   target (the bridge) and on the NumPyro twin, for each ``--num-chains`` (chains vmapped,
+   every leapfrog step one round trip for all of them), and Pyro's own ``pyro.infer.NUTS`` on
+   the same auxiliary Pyro model, ``--pyro-chains`` chains run one after another (so its ESS
+   per second does not depend on their number). ESS is the minimum bulk ESS over ``mu``,
+   ``tau`` and ``theta``; seconds are wall-clock of the whole run (compilation and the
+   postprocessing to every site included). Ratios: bridge / Pyro NUTS and bridge / NumPyro at
+   the same number of chains.
 
-    python benchmarks/pyro_bridge.py            # 1 chain, 500 + 1000
-    python benchmarks/pyro_bridge.py --smoke    # 1 chain, 50 + 50, fewer timing calls
+    python benchmarks/pyro_bridge.py            # 4 and 64 chains (Pyro: 2), 500 + 1000
+    python benchmarks/pyro_bridge.py --smoke    # 4 chains (Pyro: 1), 50 + 50, fewer timing calls
 """
 
 from __future__ import annotations
@@ -121,9 +125,13 @@ def print_table(results: dict) -> None:
         ratio = row["bridge"] / row["native"]
         print(f"{chains:>7} {row['bridge']:>14.1f} {row['native']:>17.1f} {ratio:>7.1f}")
     print("\nNUTS on eight schools (auxiliary form)")
-    print(f"{'method':<26} {'seconds':>9} {'min ESS':>9} {'ESS/s':>9}")
+    print(f"{'method':<40} {'seconds':>9} {'min ESS':>9} {'ESS/s':>9}")
     for name, row in results["nuts"].items():
-        print(f"{name:<26} {row['seconds']:>9.1f} {row['ess']:>9.0f} {row['ess_per_s']:>9.2f}")
+        print(f"{name:<40} {row['seconds']:>9.1f} {row['ess']:>9.0f} {row['ess_per_s']:>9.2f}")
+    print(f"\n{'chains':>7} {'bridge / Pyro NUTS':>19} {'bridge / NumPyro':>17}")
+    for chains, row in results["ratios"].items():
+        print(f"{chains:>7} {row['bridge_over_pyro_nuts']:>19.2f} "
+              f"{row['bridge_over_numpyro']:>17.3f}")
 
 
 def plot(results: dict, path: Path) -> None:
@@ -145,7 +153,8 @@ def plot(results: dict, path: Path) -> None:
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--num-chains", type=int, default=1)
+    parser.add_argument("--num-chains", type=int, nargs="+", default=[4, 64])
+    parser.add_argument("--pyro-chains", type=int, default=2)
     parser.add_argument("--num-warmup", type=int, default=500)
     parser.add_argument("--num-samples", type=int, default=1000)
     parser.add_argument("--num-calls", type=int, default=200)
@@ -154,37 +163,58 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--smoke", action="store_true", help="50 + 50 draws, 10 timing calls")
     args = parser.parse_args(argv)
     if args.smoke:
+        args.num_chains, args.pyro_chains = [4], 1
         args.num_warmup, args.num_samples, args.num_calls = 50, 50, 10
     torch.set_num_threads(1)
     settings = {"num_warmup": args.num_warmup, "num_samples": args.num_samples}
+    call_chains = (1, 4, 16, 64)
+    most = max(*args.num_chains, *call_chains)
 
-    pyro_target = target_from_pyro(pyro_eight_schools, model_kwargs=EIGHT_SCHOOLS)
-    native_target = emdppl.Target.from_numpyro(eight_schools, model_kwargs=EIGHT_SCHOOLS)
+    pyro_target = target_from_pyro(
+        pyro_eight_schools, model_kwargs=EIGHT_SCHOOLS, num_chains=most
+    )
+    native_target = emdppl.Target.from_numpyro(
+        eight_schools, model_kwargs=EIGHT_SCHOOLS, num_chains=most
+    )
     per_call = {
         chains: {
             "bridge": microseconds_per_call(pyro_target, chains, args.num_calls),
             "native": microseconds_per_call(native_target, chains, args.num_calls),
         }
-        for chains in (1, 4)
+        for chains in call_chains
     }
 
-    def chains_of(target):
+    def chains_of(target, num_chains):
         return target.with_initial_position(
-            jax.tree.map(lambda x: x[: args.num_chains], target.initial_position)
+            jax.tree.map(lambda x: x[:num_chains], target.initial_position)
         )
 
-    nuts = {
-        "emdppl NUTS, Pyro bridge": run_emdppl(chains_of(pyro_target), settings, args.seed),
-        "emdppl NUTS, NumPyro": run_emdppl(chains_of(native_target), settings, args.seed),
-        "Pyro NUTS": run_pyro_nuts(settings, args.num_chains, args.seed),
-    }
+    nuts, ratios = {}, {}
+    pyro_row = f"Pyro NUTS, {args.pyro_chains} chain(s) in turn"
+    nuts[pyro_row] = run_pyro_nuts(settings, args.pyro_chains, args.seed)
+    for chains in args.num_chains:
+        bridge_row = f"emdppl NUTS, Pyro bridge, {chains} chains"
+        native_row = f"emdppl NUTS, NumPyro, {chains} chains"
+        nuts[bridge_row] = run_emdppl(chains_of(pyro_target, chains), settings, args.seed)
+        nuts[native_row] = run_emdppl(chains_of(native_target, chains), settings, args.seed)
     for row in nuts.values():
         row["ess_per_s"] = row["ess"] / row["seconds"]
+    for chains in args.num_chains:
+        bridge = nuts[f"emdppl NUTS, Pyro bridge, {chains} chains"]["ess_per_s"]
+        ratios[chains] = {
+            "bridge_over_pyro_nuts": bridge / nuts[pyro_row]["ess_per_s"],
+            "bridge_over_numpyro": bridge / nuts[f"emdppl NUTS, NumPyro, {chains} chains"][
+                "ess_per_s"
+            ],
+        }
     results = common.make_report(
-        {**settings, "num_chains": args.num_chains, "num_calls": args.num_calls,
-         "smoke": args.smoke, "batching": pyro_target.logdensity_fn.host.batching},
+        {**settings, "num_chains": args.num_chains, "pyro_chains": args.pyro_chains,
+         "num_calls": args.num_calls, "smoke": args.smoke,
+         "batching": pyro_target.logdensity_fn.host.batching,
+         "postprocess_batching": pyro_target.postprocess_fn.host.batching},
         per_call_us=per_call,
         nuts=nuts,
+        ratios=ratios,
     )
     results["machine"].update(torch_version=torch.__version__, pyro_version=pyro.__version__)
     print_table(results)

@@ -34,6 +34,41 @@ def _release_compiled_programs():
     gc.collect()
 
 
+#: Test modules in the order their tests are handed to xdist's workers: the costliest first
+#: (worker seconds in a clean-clone run, ``pytest --durations=0``), so that no long module
+#: starts last and runs alone; modules not named follow in collection order.
+COSTLIEST_FIRST = (
+    "test_digits.py",
+    "test_benchmarks.py",
+    "test_sweep.py",
+    "test_cli.py",
+    "test_distributed.py",
+    "test_pyro.py",
+    "test_samplers.py",
+    "test_arviz.py",
+    "test_dtypes.py",
+    "test_model_inputs.py",
+    "test_emd.py",
+)
+
+
+def pytest_collection_modifyitems(config, items):
+    """Order the tests by :data:`COSTLIEST_FIRST`, and keep every module that has a
+    module-scoped fixture on one xdist worker (``--dist loadgroup``), so that the fixture
+    (6 MCMC runs in test_sweep.py, the benchmark scripts in test_benchmarks.py, ...) is built
+    once rather than once per worker."""
+    rank = {name: i for i, name in enumerate(COSTLIEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: keeps the rest
+    for item in items:
+        fixture_defs = item._fixtureinfo.name2fixturedefs.items()
+        if any(
+            defs[-1].scope == "module" and name != "_release_compiled_programs"
+            for name, defs in fixture_defs
+            if defs
+        ):
+            item.add_marker(pytest.mark.xdist_group(item.path.name))
+
+
 @pytest.fixture(scope="session")
 def eight_schools_reference():
     """posteriordb reference: {"theta[1]": {"mean", "sd", "mcse_mean"}, ..., "mu", "tau"}."""

@@ -104,6 +104,36 @@ def test_logdensity_and_gradient_match_numpyro(auxiliary):
         np.testing.assert_allclose(post[name], expected[name], rtol=1e-5, atol=1e-5)
 
 
+def pyro_branching(y=None):
+    """Python control flow on a latent value: torch.func.vmap cannot run it."""
+    x = pyro.sample("x", dist.Normal(0.0, 1.0))
+    pyro.deterministic("x_scaled", x * (1.0 if float(x) > 0 else 2.0))
+    pyro.sample("y", dist.Normal(x, 1.0), obs=y)
+
+
+def test_postprocess_is_one_vmapped_model_run_or_a_loop_that_agrees(auxiliary_target):
+    """Eight schools: all draws in one vmapped run, equal to one run per draw. A model whose
+    Python code branches on a latent value falls back to the loop, and is still right."""
+    host = auxiliary_target.postprocess_fn.host
+    assert host.batching == "vmap"
+    points = np.random.default_rng(0).normal(size=(3, 50, 10)).astype(np.float32)
+    vmapped = host(points)
+    host.batching = "loop"
+    try:
+        looped = host(points)
+    finally:
+        host.batching = "vmap"
+    for name, value in looped.items():
+        assert vmapped[name].shape == value.shape
+        np.testing.assert_allclose(vmapped[name], value, rtol=1e-6, atol=1e-6)
+
+    target = bridge.target_from_pyro(pyro_branching, model_kwargs=dict(y=torch.tensor(0.5)))
+    assert target.postprocess_fn.host.batching == "loop"
+    x = np.array([[-1.0], [0.5]], np.float32)
+    out = target.postprocess_fn.host(x)
+    np.testing.assert_allclose(out["x_scaled"], [-2.0, 0.5])
+
+
 def test_nuts_posterior_matches_reference(auxiliary_target, eight_schools_reference):
     # One chain: every leapfrog step is a Pyro model run on the host (~18k runs, about a minute
     # on 2 cores), and vmapped NUTS chains move in lock-step with the longest trajectory.

@@ -76,6 +76,13 @@ def check_devices(tensors: Mapping[str, Any]) -> Any:
     return distinct.pop() if distinct else torch.device("cpu")
 
 
+def _as_numpy(tensor: Any, dtype: Any, shape: tuple[int, ...]) -> np.ndarray:
+    """A torch tensor as a numpy array of ``dtype`` and ``shape``; a float64 value beyond
+    float32's range becomes an infinity (a divergence to the sampler) without a warning."""
+    with np.errstate(over="ignore"):
+        return tensor.detach().cpu().numpy().astype(dtype).reshape(shape)
+
+
 class _HostLogDensity:
     """Host side of :func:`torch_logdensity`: numpy in, torch in between, numpy out."""
 
@@ -97,7 +104,7 @@ class _HostLogDensity:
         batch = self._to_torch(x)
         with torch.no_grad():
             values = torch.stack([self.fn(row).reshape(()) for row in batch])
-        return values.cpu().numpy().astype(x.dtype).reshape(x.shape[:-1])
+        return _as_numpy(values, x.dtype, x.shape[:-1])
 
     def value_and_grad(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """``(log p, grad log p)`` of every row of ``x``: shapes ``(...)`` and ``(..., d)``."""
@@ -109,9 +116,7 @@ class _HostLogDensity:
             batch.requires_grad_(True)
             values = torch.stack([self.fn(row).reshape(()) for row in batch])
             (grads,) = torch.autograd.grad(values.sum(), batch)
-        values = values.detach().cpu().numpy().astype(x.dtype).reshape(x.shape[:-1])
-        grads = grads.detach().cpu().numpy().astype(x.dtype).reshape(x.shape)
-        return values, grads
+        return _as_numpy(values, x.dtype, x.shape[:-1]), _as_numpy(grads, x.dtype, x.shape)
 
 
 def _flat_logdensity(host: _HostLogDensity) -> Callable:

@@ -28,7 +28,12 @@ import numpy as np
 from jax.flatten_util import ravel_pytree
 
 from emdppl.base import PRNGKey, as_key
-from emdppl.bridge.callback import TorchLogDensity, check_devices, torch_logdensity
+from emdppl.bridge.callback import (
+    TorchLogDensity,
+    _as_numpy,
+    check_devices,
+    torch_logdensity,
+)
 from emdppl.bridge.pyro_model import (
     auxiliary_pyro,
     is_discrete,
@@ -91,7 +96,8 @@ class _PyroPotential:
 
 
 class _HostPostprocess:
-    """Host side of :class:`PyroPostprocess`: one conditioned run of the model per position."""
+    """Host side of :class:`PyroPostprocess`: the model conditioned on each position, all rows
+    in one ``torch.func.vmap``-ed run (``batching="vmap"``) or one run per row (``"loop"``)."""
 
     def __init__(
         self, model, model_args, model_kwargs, transforms, layout, outputs, device, dtype
@@ -104,8 +110,10 @@ class _HostPostprocess:
         self.outputs = outputs
         self.device = device
         self.dtype = dtype
+        self.batching = "loop"
 
-    def one(self, flat: Any) -> dict:
+    def one(self, flat: Any) -> tuple:
+        """The output sites' values (in ``outputs``' order) at one flat position ``(d,)``."""
         import pyro
         from pyro import poutine
 
@@ -115,20 +123,38 @@ class _HostPostprocess:
             trace = poutine.trace(poutine.condition(self.model, constrained)).get_trace(
                 *self.model_args, **self.model_kwargs
             )
-        return {k: trace.nodes[k]["value"] for k in self.outputs}
+        return tuple(trace.nodes[k]["value"] for k in self.outputs)
+
+    def rows(self, flat: Any) -> tuple:
+        """The output sites at every row of ``flat`` ``(n, d)``: a tuple of ``(n, *shape)``."""
+        import torch
+
+        with torch.no_grad():
+            if self.batching == "vmap" and flat.shape[0] > 1:
+                return torch.func.vmap(self.one)(flat)
+            return tuple(torch.stack(column) for column in zip(*map(self.one, flat), strict=True))
+
+    def choose_batching(self, dim: int) -> str:
+        """``"vmap"`` if the vmapped run agrees with the loop at three check points (a model
+        torch.func cannot transform, e.g. Python control flow on latent values, loops)."""
+        points = _check_points(dim, self.dtype)
+        loop = self.rows(points)
+        self.batching = "vmap"
+        try:
+            agree = _agree(self.rows(points), loop)
+        except Exception:  # noqa: BLE001 - a model torch.func cannot transform runs in a loop
+            agree = False
+        self.batching = "vmap" if agree else "loop"
+        return self.batching
 
     def __call__(self, x: np.ndarray) -> dict:
         import torch
 
         batch_shape = x.shape[:-1]
         flat = torch.as_tensor(x.reshape(-1, x.shape[-1]), dtype=self.dtype, device=self.device)
-        with torch.no_grad():
-            rows = [self.one(row) for row in flat]
         return {
-            k: np.stack([r[k].detach().cpu().numpy() for r in rows])
-            .astype(x.dtype)
-            .reshape(batch_shape + shape)
-            for k, shape in self.outputs.items()
+            k: _as_numpy(column, x.dtype, batch_shape + shape)
+            for (k, shape), column in zip(self.outputs.items(), self.rows(flat), strict=True)
         }
 
 
@@ -337,11 +363,11 @@ def target_from_pyro(
         potential, example, device=device, dtype=dtype, batching=batching
     )
     outputs = _outputs(prototype, latents)
-    postprocess = PyroPostprocess(
-        _HostPostprocess(
-            sampled, model_args, model_kwargs, transforms, layout, outputs, device, dtype
-        )
+    host = _HostPostprocess(
+        sampled, model_args, model_kwargs, transforms, layout, outputs, device, dtype
     )
+    host.choose_batching(dim)
+    postprocess = PyroPostprocess(host)
     flat = _initial_positions(logdensity, dim, num_chains, init_key)
     position = jax.vmap(logdensity.unravel_fn)(jnp.asarray(flat))
     return Target(logdensity, position, postprocess)
