@@ -41,7 +41,7 @@ demo: $(STAMP)
 # --reruns 1: a test whose worker crashed runs once more (XLA's CPU compiler segfaulted a worker
 # now and then; every test has fixed seeds, so a real failure fails its rerun too).
 test: $(STAMP)
-	$(BIN)/pytest -n 2 --dist loadgroup --no-loadscope-reorder --reruns 1 --durations=15 tests
+	$(BIN)/pytest -n 2 --dist loadfile --no-loadscope-reorder --reruns 1 --durations=15 tests
 
 lint: $(STAMP)
 	$(BIN)/ruff check emdppl tests examples benchmarks docs

@@ -34,9 +34,10 @@ def _release_compiled_programs():
     gc.collect()
 
 
-#: Test modules in the order their tests are handed to xdist's workers: the costliest first
-#: (worker seconds in a clean-clone run, ``pytest --durations=0``), so that no long module
-#: starts last and runs alone; modules not named follow in collection order.
+#: Test modules in the order xdist's workers take them (``--dist loadfile`` keeps a module on
+#: one worker, so a module-scoped fixture is built once): the costliest first (worker seconds
+#: in a clean-clone run, ``pytest --durations=0``), so that no long module starts last and runs
+#: alone; modules not named follow in collection order.
 COSTLIEST_FIRST = (
     "test_digits.py",
     "test_benchmarks.py",
@@ -53,20 +54,9 @@ COSTLIEST_FIRST = (
 
 
 def pytest_collection_modifyitems(config, items):
-    """Order the tests by :data:`COSTLIEST_FIRST`, and keep every module that has a
-    module-scoped fixture on one xdist worker (``--dist loadgroup``), so that the fixture
-    (6 MCMC runs in test_sweep.py, the benchmark scripts in test_benchmarks.py, ...) is built
-    once rather than once per worker."""
+    """Order the tests by :data:`COSTLIEST_FIRST` (a stable sort: the rest keep their order)."""
     rank = {name: i for i, name in enumerate(COSTLIEST_FIRST)}
-    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: keeps the rest
-    for item in items:
-        fixture_defs = item._fixtureinfo.name2fixturedefs.items()
-        if any(
-            defs[-1].scope == "module" and name != "_release_compiled_programs"
-            for name, defs in fixture_defs
-            if defs
-        ):
-            item.add_marker(pytest.mark.xdist_group(item.path.name))
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))
 
 
 @pytest.fixture(scope="session")
