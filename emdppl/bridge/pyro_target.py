@@ -125,26 +125,25 @@ class _HostPostprocess:
             )
         return tuple(trace.nodes[k]["value"] for k in self.outputs)
 
-    def rows(self, flat: Any) -> tuple:
-        """The output sites at every row of ``flat`` ``(n, d)``: a tuple of ``(n, *shape)``."""
+    def loop(self, flat: Any) -> tuple:
+        """The output sites at every row of ``flat`` ``(n, d)``, one model run per row: a tuple
+        of ``(n, *shape)``."""
         import torch
 
         with torch.no_grad():
-            if self.batching == "vmap" and flat.shape[0] > 1:
-                return torch.func.vmap(self.one)(flat)
             return tuple(torch.stack(column) for column in zip(*map(self.one, flat), strict=True))
 
+    def vmapped(self, flat: Any) -> tuple:
+        """As :meth:`loop`, in one ``torch.func.vmap``-ed model run."""
+        import torch
+
+        with torch.no_grad():
+            return torch.func.vmap(self.one)(flat)
+
     def choose_batching(self, dim: int) -> str:
-        """``"vmap"`` if the vmapped run agrees with the loop at three check points (a model
-        torch.func cannot transform, e.g. Python control flow on latent values, loops)."""
+        """``"vmap"`` where the vmapped run agrees with the loop at the check points."""
         points = _check_points(dim, self.dtype)
-        loop = self.rows(points)
-        self.batching = "vmap"
-        try:
-            agree = _agree(self.rows(points), loop)
-        except Exception:  # noqa: BLE001 - a model torch.func cannot transform runs in a loop
-            agree = False
-        self.batching = "vmap" if agree else "loop"
+        self.batching = "vmap" if _vmap_agrees(self.vmapped, points, self.loop(points)) else "loop"
         return self.batching
 
     def __call__(self, x: np.ndarray) -> dict:
@@ -152,9 +151,10 @@ class _HostPostprocess:
 
         batch_shape = x.shape[:-1]
         flat = torch.as_tensor(x.reshape(-1, x.shape[-1]), dtype=self.dtype, device=self.device)
+        rows = self.vmapped if self.batching == "vmap" and flat.shape[0] > 1 else self.loop
         return {
             k: _as_numpy(column, x.dtype, batch_shape + shape)
-            for (k, shape), column in zip(self.outputs.items(), self.rows(flat), strict=True)
+            for (k, shape), column in zip(self.outputs.items(), rows(flat), strict=True)
         }
 
 
@@ -195,6 +195,15 @@ def _agree(a: tuple, b: tuple) -> bool:
     return all(torch.allclose(x, y, rtol=rtol, atol=rtol / 100, equal_nan=True) for x, y in pairs)
 
 
+def _vmap_agrees(vmapped: Callable, points: Any, reference: tuple) -> bool:
+    """Whether ``vmapped(points)`` runs and agrees with ``reference`` (the loop's result); a
+    model torch.func cannot transform (Python control flow on latent values) does not."""
+    try:
+        return _agree(tuple(vmapped(points)), reference)
+    except Exception:  # noqa: BLE001 - a model torch.func cannot transform runs in a loop
+        return False
+
+
 def _choose_potential(
     plain: _PyroPotential, traced: _PyroPotential, dim: int, dtype: Any
 ) -> tuple:
@@ -210,11 +219,9 @@ def _choose_potential(
         potential = traced if _agree(_value_and_grad_loop(traced, points), reference) else plain
     except Exception:  # noqa: BLE001 - a model torch.jit cannot trace runs uncompiled
         potential = plain
-    try:
-        grads, values = torch.func.vmap(torch.func.grad_and_value(potential))(points)
-    except Exception:  # noqa: BLE001 - a model torch.func cannot transform runs in a loop
-        return potential, "loop"
-    return potential, "vmap" if _agree((values, grads), reference) else "loop"
+    vmapped = torch.func.vmap(torch.func.grad_and_value(potential))
+    agrees = _vmap_agrees(lambda p: vmapped(p)[::-1], points, reference)  # (values, grads)
+    return potential, "vmap" if agrees else "loop"
 
 
 def _initial_positions(
