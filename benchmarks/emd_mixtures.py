@@ -4,7 +4,8 @@ Each problem is :func:`benchmarks.problems.random_mixture` of a seed (2-3-D, 4-1
 default, to fit the CPU budget), its exact :class:`~emdppl.teachers.GaussianMixture` teacher and
 the library's default generator (:func:`emdppl.generators.from_teacher`, optionally with a wider
 latent) and student. Every setting is run for every problem seed and training seed; the metrics
-are those of :func:`benchmarks.problems.mode_metrics` on 20k one-step draws.
+are those of :func:`benchmarks.problems.mode_metrics` on 20k one-step draws. The setting
+``exact`` is the floor: the same metrics of as many of the teacher's own draws.
 
     .venv/bin/python benchmarks/emd_mixtures.py --problems 200 201 202 --seeds 0 1 2
     .venv/bin/python benchmarks/emd_mixtures.py --smoke
@@ -34,11 +35,12 @@ from benchmarks.common import (  # noqa: E402
 )
 from benchmarks.problems import HELDOUT_SEEDS, mode_metrics, random_mixture  # noqa: E402
 from emdppl import generators  # noqa: E402
+from emdppl.distill_config import cosine_adam  # noqa: E402
 
 #: name -> (distill options, generator latent dimension or None for the data's)
 SETTINGS = {
     "diff_instruct": ({"method": "diff_instruct"}, None),
-    "emd_defaults": ({}, None),
+    "emd_defaults": ({}, None),  # method="emd" with every library default
     "emd_residual_k4": ({"num_estep_steps": 4, "noise_cancellation": "residual"}, None),
     "emd_residual_k4_jacobian": (
         {"num_estep_steps": 4, "noise_cancellation": "residual", "z_step_rule": "jacobian"},
@@ -52,13 +54,25 @@ SETTINGS = {
     **{f"emd_k{k}": ({"num_estep_steps": k}, None) for k in (1, 2, 8, 16)},
 }
 METRICS = ("tv", "lightest_ratio", "off_mode")
+#: the floor: the metrics of the teacher's own exact draws (sampling noise only)
+EXACT = "exact"
 
 
-def run_one(problem, name: str, seed: int, num_steps: int, num_draws: int) -> dict:
-    """Distil ``problem``'s exact teacher with setting ``name`` and training ``seed``."""
-    options, latent_dim = SETTINGS[name]
+def run_one(
+    problem, name: str, seed: int, num_steps: int, num_draws: int,
+    learning_rate: float | None = None,
+) -> dict:
+    """Distil ``problem``'s exact teacher with setting ``name`` and training ``seed``; with a
+    ``learning_rate``, the generator's optimiser is ``cosine_adam(learning_rate, num_steps,
+    max_grad_norm=1.0)`` instead of the library's default."""
     teacher = problem.teacher()
     k_generator, k_run, k_draw = jax.random.split(jax.random.key(seed), 3)
+    if name == EXACT:
+        metrics = mode_metrics(np.asarray(teacher.sample(k_draw, num_draws)), problem)
+        return {"setting": name, "problem": problem.seed, "seed": seed, **metrics}
+    options, latent_dim = SETTINGS[name]
+    if learning_rate is not None:
+        options = {**options, "optimizer": cosine_adam(learning_rate, num_steps, max_grad_norm=1.0)}
     generator = generators.from_teacher(teacher, key=k_generator, latent_dim=latent_dim)
     start = time.perf_counter()
     try:
@@ -73,6 +87,7 @@ def run_one(problem, name: str, seed: int, num_steps: int, num_draws: int) -> di
         "setting": name,
         "problem": problem.seed,
         "seed": seed,
+        "learning_rate": learning_rate,  # None: the library's default optimiser
         "seconds": time.perf_counter() - start,
         "num_skipped": int(result.state.num_skipped),
         **metrics,
@@ -84,7 +99,7 @@ def summarise(rows: list[dict]) -> list[dict]:
     Diff-Instruct's (paired by problem and seed)."""
     reference = {(r["problem"], r["seed"]): r for r in rows if r["setting"] == "diff_instruct"}
     summary = []
-    for name in SETTINGS:
+    for name in (EXACT, *SETTINGS):
         mine = [r for r in rows if r["setting"] == name and "tv" in r]
         if not mine:
             continue
@@ -109,7 +124,7 @@ def plot(rows: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    names = [n for n in SETTINGS if any(r["setting"] == n and "tv" in r for r in rows)]
+    names = [n for n in (EXACT, *SETTINGS) if any(r["setting"] == n and "tv" in r for r in rows)]
     fig, axes = plt.subplots(1, len(METRICS), figsize=(4.5 * len(METRICS), 4))
     for ax, metric in zip(axes, METRICS, strict=True):
         for i, name in enumerate(names):
@@ -126,18 +141,21 @@ def main() -> None:
     parser = argument_parser(__doc__, "one problem, one seed, two settings, 50 steps")
     parser.add_argument("--problems", type=int, nargs="+", default=list(HELDOUT_SEEDS))
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
-    parser.add_argument("--num-steps", type=int, default=1000)
+    parser.add_argument("--settings", nargs="+", default=[EXACT, *SETTINGS],
+                        choices=[EXACT, *SETTINGS])
+    parser.add_argument("--num-steps", type=int, default=emdppl.DistillConfig().num_steps)
     parser.add_argument("--num-draws", type=int, default=20_000)
     parser.add_argument("--max-modes", type=int, default=14)
     parser.add_argument("--max-dim", type=int, default=3)
+    parser.add_argument("--learning-rate", type=float, default=None,
+                        help="generator: cosine Adam from this rate (default: the library's)")
     parser.add_argument("--name", default="emd_mixtures")
     parser.add_argument("--merge", type=Path, nargs="+", default=None,
                         help="rows of earlier JSON reports instead of new runs")
     args = parser.parse_args()
     if args.smoke:
         args.problems, args.seeds, args.num_steps, args.num_draws = args.problems[:1], [0], 50, 2000
-        args.settings = ["diff_instruct", "emd_residual_k4_jacobian"]
+        args.settings = [EXACT, "diff_instruct", "emd_defaults"]
     out = output_dir(args)
     rows = [row for path in args.merge or () for row in json.loads(path.read_text())["rows"]]
     for problem_seed in () if args.merge else args.problems:
@@ -147,7 +165,9 @@ def main() -> None:
         print(problem.describe(), flush=True)
         for seed in args.seeds:
             for name in args.settings:
-                row = run_one(problem, name, seed, args.num_steps, args.num_draws)
+                row = run_one(
+                    problem, name, seed, args.num_steps, args.num_draws, args.learning_rate
+                )
                 rows.append(row)
                 print({k: v for k, v in row.items() if k != "masses"}, flush=True)
     summary = summarise(rows)

@@ -37,6 +37,8 @@ NOISE_CANCELLATIONS = ("full", "initial", "none", "residual")
 Z_STEP_RULES = ("sigma2", "jacobian")
 WEIGHTINGS = ("sigma2", "sigma")
 _DIFF_INSTRUCT = {"num_estep_steps": 1, "update_z": False, "noise_cancellation": "full"}
+# fields whose default is filled in (``from_options`` re-derives them; ``requested`` tells)
+_DERIVED = (*_DIFF_INSTRUCT, "optimizer", "student_optimizer")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,8 +82,11 @@ class DistillConfig:
         :math:`w(\sigma)`: ``"sigma2"`` (Diff-Instruct's weight 1 on the denoiser difference)
         or ``"sigma"``.
     optimizer, student_optimizer
-        optax transformations for the generator :math:`\theta` and the student :math:`\psi`;
-        ``None``: Adam 1e-3.
+        optax transformations for the generator :math:`\theta` and the student :math:`\psi`.
+        ``None``: Adam 1e-3 for both. On low-dimensional teachers the generator fits far
+        better with ``cosine_adam(3e-2, num_steps, max_grad_norm=1.0)``; it is not the default
+        because it wrecks a teacher-initialised 64-D image generator
+        (``benchmarks/README.md``, ``emd_mixtures.py``).
     student_updates_per_step, student_warmup_steps
         Student DSM updates per generator step (TTUR) and before the first step.
     max_consecutive_nan
@@ -130,7 +135,7 @@ class DistillConfig:
     )
 
     def __post_init__(self) -> None:
-        requested = tuple(getattr(self, name) for name in _DIFF_INSTRUCT)
+        requested = tuple(getattr(self, name) for name in _DERIVED)
         object.__setattr__(self, "_requested", requested)
         if self.method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}, got {self.method!r}.")
@@ -208,6 +213,11 @@ class DistillConfig:
         )
         return dataclasses.replace(self, sigma_range=sigma_range)
 
+    def requested(self, name: str):
+        """What the user gave for ``name``, one of the fields filled in from others (``None``:
+        the default was taken)."""
+        return dict(zip(_DERIVED, self._requested, strict=True))[name]
+
     @classmethod
     def from_options(cls, config: DistillConfig | None = None, **options) -> DistillConfig:
         """``config`` (default ``DistillConfig()``) with ``options`` replaced; unknown names
@@ -220,7 +230,7 @@ class DistillConfig:
             return cls(**options)
         if not isinstance(config, cls):
             raise TypeError(f"config must be an emdppl.DistillConfig, got {type(config).__name__}.")
-        requested = dict(zip(_DIFF_INSTRUCT, config._requested, strict=True))
+        requested = {name: config.requested(name) for name in _DERIVED}
         return dataclasses.replace(config, **{**requested, **options})
 
 
@@ -232,10 +242,16 @@ def adam(learning_rate: float | optax.Schedule) -> optax.GradientTransformation:
 
 
 @functools.cache
-def cosine_adam(learning_rate: float, num_steps: int) -> optax.GradientTransformation:
-    """Adam with a cosine decay from ``learning_rate`` to 1% of it over ``num_steps``, one
-    object per argument pair (see :func:`adam`)."""
-    return adam(optax.cosine_decay_schedule(learning_rate, num_steps, alpha=0.01))
+def cosine_adam(
+    learning_rate: float, num_steps: int, max_grad_norm: float | None = None
+) -> optax.GradientTransformation:
+    """Adam with a cosine decay from ``learning_rate`` to 1% of it over ``num_steps``, after
+    clipping the gradient's global norm at ``max_grad_norm`` (``None``: no clipping); one object
+    per argument tuple (see :func:`adam`)."""
+    optimizer = adam(optax.cosine_decay_schedule(learning_rate, num_steps, alpha=0.01))
+    if max_grad_norm is None:
+        return optimizer
+    return optax.chain(optax.clip_by_global_norm(max_grad_norm), optimizer)
 
 
 def _resolved_estep(config: DistillConfig) -> dict:

@@ -469,8 +469,8 @@ class EMD:
     num_samples, num_chains
         Draws returned, split into chains.
     learning_rate
-        Peak Adam learning rate (cosine decay to 1% over ``num_steps``); ignored when
-        ``optimizer=`` is given.
+        Peak Adam learning rate (cosine decay to 1% over ``num_steps``); ignored when an
+        optimiser is given (``optimizer=``, or in ``config``).
     sigma_max
         Largest noise level of the posterior teacher.
     generator
@@ -531,7 +531,8 @@ class EMD:
         self.learning_rate = float(learning_rate)
         self.sigma_max = float(sigma_max)
         self.generator = generator
-        self._has_optimizer = "optimizer" in options
+        given = config is not None and config.requested("optimizer") is not None
+        self._has_optimizer = "optimizer" in options or given
         self.config = DistillConfig.from_options(config or POSTERIOR_CONFIG, **options)
         batch_mesh(devices, self.config.batch_size)  # a bad spec fails here, before any tracing
         self.devices = devices

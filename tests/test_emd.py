@@ -445,6 +445,12 @@ def test_distill_config_is_validated_frozen_and_keeps_what_was_asked():
         config.num_steps = 3
     same = dict(optimizer=config.optimizer, student_optimizer=config.student_optimizer)
     assert hash(config) == hash(emdppl.DistillConfig(num_steps=50, update_z=False, **same))
+    # an optimiser the user gave is kept through from_options, and told apart from the default
+    assert config.requested("optimizer") is None
+    sgd = optax.sgd(0.1)
+    given = emdppl.DistillConfig(num_steps=50, optimizer=sgd)
+    assert emdppl.DistillConfig.from_options(given, num_steps=10).optimizer is sgd
+    assert given.requested("optimizer") is sgd
     for bad, match in [
         (dict(num_steps=0), "num_steps must be an integer >= 1"),
         (dict(batch_size=2.5), "batch_size"),
