@@ -214,8 +214,8 @@ class DistillConfig:
         return dataclasses.replace(self, sigma_range=sigma_range)
 
     def requested(self, name: str):
-        """What the user gave for ``name``, one of the fields filled in from others (``None``:
-        the default was taken)."""
+        """What the user gave for ``name``, one of the fields whose default is filled in
+        (K, z, cancellation, the optimisers); ``None``: the default was taken."""
         return dict(zip(_DERIVED, self._requested, strict=True))[name]
 
     @classmethod
