@@ -83,10 +83,12 @@ class DistillConfig:
         or ``"sigma"``.
     optimizer, student_optimizer
         optax transformations for the generator :math:`\theta` and the student :math:`\psi`.
-        ``None``: Adam 1e-3 for both. On low-dimensional teachers the generator fits far
-        better with ``cosine_adam(3e-2, num_steps, max_grad_norm=1.0)``; it is not the default
-        because it wrecks a teacher-initialised 64-D image generator
-        (``benchmarks/README.md``, ``emd_mixtures.py``).
+        ``None``: Adam 1e-3 for both. A generator copied from an exact
+        :class:`~emdppl.teachers.GaussianMixture` teacher (its parameters are the modes'
+        locations and scales, in data units) fits far better with ``cosine_adam(3e-2,
+        num_steps, max_grad_norm=1.0)``, the gain mostly in those copied parameters; it is not
+        the default because it wrecks a teacher-initialised 64-D image generator, and a
+        per-layer trust ratio (LAMB-style) did not serve both (``benchmarks/README.md``).
     student_updates_per_step, student_warmup_steps
         Student DSM updates per generator step (TTUR) and before the first step.
     max_consecutive_nan
@@ -222,7 +224,7 @@ class DistillConfig:
     def from_options(cls, config: DistillConfig | None = None, **options) -> DistillConfig:
         """``config`` (default ``DistillConfig()``) with ``options`` replaced; unknown names
         are refused with the list of known ones."""
-        known = {f.name for f in dataclasses.fields(cls)}
+        known = {f.name for f in dataclasses.fields(cls) if f.init}
         unknown = sorted(set(options) - known)
         if unknown:
             raise TypeError(f"unknown distillation option(s) {unknown}; known: {sorted(known)}.")

@@ -463,6 +463,8 @@ def test_distill_config_is_validated_frozen_and_keeps_what_was_asked():
             emdppl.DistillConfig(**bad)
     with pytest.raises(TypeError, match=r"unknown distillation option\(s\) \['num_step'\]"):
         emdppl.distill(_gaussian_teacher(), num_step=10)
+    with pytest.raises(TypeError, match=r"\['_requested'\]; known: \['batch_size'"):
+        emdppl.DistillConfig.from_options(None, _requested=())  # internal, not an option
     with pytest.raises(TypeError, match="optimizer must be an optax"):
         emdppl.DistillConfig(optimizer="adam")
 
