@@ -1,13 +1,18 @@
 """EMD vs Diff-Instruct on generated Gaussian mixtures that no default was tuned on.
 
 Each problem is :func:`benchmarks.problems.random_mixture` of a seed (2-3-D, 4-14 modes by
-default, to fit the CPU budget), its exact :class:`~emdppl.teachers.GaussianMixture` teacher and
-the library's default generator (:func:`emdppl.generators.from_teacher`, optionally with a wider
-latent) and student. Every setting is run for every problem seed and training seed; the metrics
-are those of :func:`benchmarks.problems.mode_metrics` on 20k one-step draws. The setting
-``exact`` is the floor: the same metrics of as many of the teacher's own draws.
+default, to fit the CPU budget), a teacher and the library's default generator
+(:func:`emdppl.generators.from_teacher`, optionally with a wider latent) and student. The teacher
+is the exact :class:`~emdppl.teachers.GaussianMixture` (``--teacher exact``, the default) or a
+diffusion model trained on 20k of its draws (``--teacher trained``,
+:func:`benchmarks.problems.trained_teacher`, one per problem): then the generator copies a
+network, as with a real diffusion model. Every setting is run for every problem seed and training
+seed; the metrics are those of :func:`benchmarks.problems.mode_metrics` on 20k one-step draws.
+The setting ``exact`` is the floor: the same metrics of as many exact draws of the mixture;
+``teacher_heun18`` those of the teacher's own 35-NFE sampler (EDM Heun, 18 steps).
 
     .venv/bin/python benchmarks/emd_mixtures.py --problems 200 201 202 --seeds 0 1 2
+    .venv/bin/python benchmarks/emd_mixtures.py --teacher trained --name emd_mixtures_trained
     .venv/bin/python benchmarks/emd_mixtures.py --smoke
     .venv/bin/python benchmarks/emd_mixtures.py --merge a.json b.json  # one table of earlier runs
 """
@@ -33,7 +38,12 @@ from benchmarks.common import (  # noqa: E402
     print_rows,
     save_report,
 )
-from benchmarks.problems import HELDOUT_SEEDS, mode_metrics, random_mixture  # noqa: E402
+from benchmarks.problems import (  # noqa: E402
+    HELDOUT_SEEDS,
+    mode_metrics,
+    random_mixture,
+    trained_teacher,
+)
 from emdppl import generators  # noqa: E402
 from emdppl.distill_config import cosine_adam  # noqa: E402
 
@@ -54,21 +64,28 @@ SETTINGS = {
     **{f"emd_k{k}": ({"num_estep_steps": k}, None) for k in (1, 2, 8, 16)},
 }
 METRICS = ("tv", "lightest_ratio", "off_mode")
-#: the floor: the metrics of the teacher's own exact draws (sampling noise only)
+#: the floor: the metrics of the mixture's own exact draws (sampling noise only)
 EXACT = "exact"
+#: the teacher's multi-step sampler (EDM Heun, 18 steps, 35 NFE): what distillation compresses
+TEACHER_HEUN = "teacher_heun18"
+FLOORS = (EXACT, TEACHER_HEUN)
 
 
 def run_one(
     problem, name: str, seed: int, num_steps: int, num_draws: int,
-    learning_rate: float | None = None,
+    learning_rate: float | None = None, teacher=None,
 ) -> dict:
-    """Distil ``problem``'s exact teacher with setting ``name`` and training ``seed``; with a
-    ``learning_rate``, the generator's optimiser is ``cosine_adam(learning_rate, num_steps,
-    max_grad_norm=1.0)`` instead of the library's default."""
-    teacher = problem.teacher()
+    """Distil ``teacher`` (default ``problem``'s exact one) with setting ``name`` and training
+    ``seed``; with a ``learning_rate``, the generator's optimiser is ``cosine_adam(learning_rate,
+    num_steps, max_grad_norm=1.0)`` instead of the library's default."""
+    teacher = problem.teacher() if teacher is None else teacher
     k_generator, k_run, k_draw = jax.random.split(jax.random.key(seed), 3)
-    if name == EXACT:
-        metrics = mode_metrics(np.asarray(teacher.sample(k_draw, num_draws)), problem)
+    if name in FLOORS:
+        if name == EXACT:
+            x = problem.teacher().sample(k_draw, num_draws)
+        else:
+            x = teacher.sample_ode(k_draw, num_draws, num_steps=18)
+        metrics = mode_metrics(np.asarray(x), problem)
         return {"setting": name, "problem": problem.seed, "seed": seed, **metrics}
     options, latent_dim = SETTINGS[name]
     if learning_rate is not None:
@@ -99,7 +116,7 @@ def summarise(rows: list[dict]) -> list[dict]:
     Diff-Instruct's (paired by problem and seed)."""
     reference = {(r["problem"], r["seed"]): r for r in rows if r["setting"] == "diff_instruct"}
     summary = []
-    for name in (EXACT, *SETTINGS):
+    for name in (*FLOORS, *SETTINGS):
         mine = [r for r in rows if r["setting"] == name and "tv" in r]
         if not mine:
             continue
@@ -124,7 +141,7 @@ def plot(rows: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    names = [n for n in (EXACT, *SETTINGS) if any(r["setting"] == n and "tv" in r for r in rows)]
+    names = [n for n in (*FLOORS, *SETTINGS) if any(r["setting"] == n and "tv" in r for r in rows)]
     fig, axes = plt.subplots(1, len(METRICS), figsize=(4.5 * len(METRICS), 4))
     for ax, metric in zip(axes, METRICS, strict=True):
         for i, name in enumerate(names):
@@ -142,7 +159,9 @@ def main() -> None:
     parser.add_argument("--problems", type=int, nargs="+", default=list(HELDOUT_SEEDS))
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--settings", nargs="+", default=[EXACT, *SETTINGS],
-                        choices=[EXACT, *SETTINGS])
+                        choices=[*FLOORS, *SETTINGS])
+    parser.add_argument("--teacher", choices=("exact", "trained"), default="exact",
+                        help="the exact mixture, or a diffusion model trained on its draws")
     parser.add_argument("--num-steps", type=int, default=emdppl.DistillConfig().num_steps)
     parser.add_argument("--num-draws", type=int, default=20_000)
     parser.add_argument("--max-modes", type=int, default=14)
@@ -163,11 +182,14 @@ def main() -> None:
             problem_seed, modes_range=(4, args.max_modes), dim_range=(2, args.max_dim)
         )
         print(problem.describe(), flush=True)
+        teacher = trained_teacher(problem, 0) if args.teacher == "trained" else problem.teacher()
         for seed in args.seeds:
             for name in args.settings:
                 row = run_one(
-                    problem, name, seed, args.num_steps, args.num_draws, args.learning_rate
+                    problem, name, seed, args.num_steps, args.num_draws, args.learning_rate,
+                    teacher,
                 )
+                row["teacher"] = args.teacher
                 rows.append(row)
                 print({k: v for k, v in row.items() if k != "masses"}, flush=True)
     summary = summarise(rows)
