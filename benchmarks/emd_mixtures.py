@@ -40,12 +40,12 @@ from benchmarks.common import (  # noqa: E402
 )
 from benchmarks.problems import (  # noqa: E402
     HELDOUT_SEEDS,
+    generator_optimizer,
     mode_metrics,
     random_mixture,
     trained_teacher,
 )
 from emdppl import generators  # noqa: E402
-from emdppl.distill_config import cosine_adam  # noqa: E402
 
 #: name -> (distill options, generator latent dimension or None for the data's)
 SETTINGS = {
@@ -76,8 +76,7 @@ def run_one(
     learning_rate: float | None = None, teacher=None,
 ) -> dict:
     """Distil ``teacher`` (default ``problem``'s exact one) with setting ``name`` and training
-    ``seed``; with a ``learning_rate``, the generator's optimiser is ``cosine_adam(learning_rate,
-    num_steps, max_grad_norm=1.0)`` instead of the library's default."""
+    ``seed``; ``learning_rate`` as in :func:`benchmarks.problems.generator_optimizer`."""
     teacher = problem.teacher() if teacher is None else teacher
     k_generator, k_run, k_draw = jax.random.split(jax.random.key(seed), 3)
     if name in FLOORS:
@@ -88,8 +87,7 @@ def run_one(
         metrics = mode_metrics(np.asarray(x), problem)
         return {"setting": name, "problem": problem.seed, "seed": seed, **metrics}
     options, latent_dim = SETTINGS[name]
-    if learning_rate is not None:
-        options = {**options, "optimizer": cosine_adam(learning_rate, num_steps, max_grad_norm=1.0)}
+    options = {**options, **generator_optimizer(learning_rate, num_steps)}
     generator = generators.from_teacher(teacher, key=k_generator, latent_dim=latent_dim)
     start = time.perf_counter()
     try:

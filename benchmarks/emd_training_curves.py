@@ -35,10 +35,14 @@ from benchmarks.common import (  # noqa: E402
     print_rows,
     save_report,
 )
-from benchmarks.problems import HELDOUT_SEEDS, mode_metrics, random_mixture  # noqa: E402
+from benchmarks.problems import (  # noqa: E402
+    HELDOUT_SEEDS,
+    generator_optimizer,
+    mode_metrics,
+    random_mixture,
+)
 from emdppl import emd, generators  # noqa: E402
 from emdppl.base import Algorithm  # noqa: E402
-from emdppl.distill_config import cosine_adam  # noqa: E402
 
 #: name -> distill options (K = 4 everywhere but Diff-Instruct's K = 1)
 SETTINGS = {
@@ -57,14 +61,12 @@ def run_one(
     learning_rate: float | None = None,
 ) -> dict:
     """One training run of setting ``name``; the curves at steps ``eval_every, 2 eval_every,
-    ... num_steps`` (and the initialisation at step 0). With a ``learning_rate`` the generator's
-    optimiser is ``cosine_adam(learning_rate, num_steps, max_grad_norm=1.0)``."""
+    ... num_steps`` (and the initialisation at step 0); ``learning_rate`` as in
+    :func:`benchmarks.problems.generator_optimizer`."""
     teacher = problem.teacher()
     k_generator, k_student, k_warmup, k_run, k_draw = jax.random.split(jax.random.key(seed), 5)
     generator = generators.from_teacher(teacher, key=k_generator)
-    options = dict(SETTINGS[name])
-    if learning_rate is not None:
-        options["optimizer"] = cosine_adam(learning_rate, num_steps, max_grad_norm=1.0)
+    options = {**SETTINGS[name], **generator_optimizer(learning_rate, num_steps)}
     config = emdppl.DistillConfig(num_steps=num_steps, **options).for_teacher(teacher)
     student = emd.default_student(teacher, generator, k_student)
     algorithm = emd.as_top_level_api(teacher, generator, student, config)

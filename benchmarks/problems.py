@@ -31,6 +31,7 @@ import numpy as np
 from scipy import stats
 
 from emdppl import teachers
+from emdppl.distill_config import cosine_adam
 
 __all__ = [
     "HELDOUT_SEEDS",
@@ -38,6 +39,7 @@ __all__ = [
     "TUNE_SEEDS",
     "MixtureProblem",
     "assign_modes",
+    "generator_optimizer",
     "mode_metrics",
     "random_mixture",
     "trained_teacher",
@@ -156,3 +158,12 @@ def trained_teacher(
     return teachers.train_diffusion(
         data, rng_key=k_train, num_steps=num_steps, progress_bar=False
     )
+
+
+def generator_optimizer(learning_rate: float | None, num_steps: int) -> dict:
+    """The distill option for the generator's optimiser of the mixture benchmarks: ``{}`` (the
+    library's default) for ``None``, else ``cosine_adam(learning_rate, num_steps,
+    max_grad_norm=1.0)``."""
+    if learning_rate is None:
+        return {}
+    return {"optimizer": cosine_adam(learning_rate, num_steps, max_grad_norm=1.0)}
