@@ -1,12 +1,14 @@
 """EMD vs a reference posterior: ``emdppl.infer(model, emdppl.EMD())`` with its defaults.
 
-Models: NumPyro's examples (baseball logit, zero-inflated Poisson, GP hyperparameters, horseshoe
-regression; reference: NUTS in the same process, 4 x 1000 draws) and posteriordb posteriors
+Models: NumPyro's examples (baseball logit, zero-inflated Poisson, GP hyperparameters; reference:
+NUTS in the same process, 4 x 1000 draws; horseshoe regression, reference: the exact Gibbs
+sampler of ``horseshoe_gibbs.py``, as NUTS diverges on it) and posteriordb posteriors
 (eight schools, arK, kilpisjarvi, low_dim_gauss_mix, the seven earnings / kidiq regressions and
 the two ODE models of ``posteriordb_models.py``; reference: posteriordb's draws). Per model:
 max over scalar components of |mean - mean_ref| / sd_ref and of |log(sd / sd_ref)| of the
 returned (importance-resampled) draws, and for references with draws (NUTS; posteriordb's
-stored draws of the ODE models) the same with every positive site on the log scale
+stored draws of the ODE models; the horseshoe's Gibbs draws) the same with every positive site
+on the log scale
 (``*_unconstrained``: a heavy right tail has no estimable sd on the natural scale);
 ``--no-importance-resampling`` for the raw generator's draws; skipped (NaN) steps, PSIS k-hat
 and importance ESS, whether EMD warned, wall seconds; the two errors per site too
@@ -51,6 +53,9 @@ MODELS = {
     **ARM_REGRESSIONS,
     **ODE_MODELS,
 }
+
+#: Models whose stored reference is an exact Gibbs sampler's draws, not posteriordb's.
+GIBBS_REFERENCES = {"horseshoe_regression": "gibbs"}
 
 
 def _flat(draws: np.ndarray) -> np.ndarray:
@@ -142,7 +147,8 @@ def run_model(name: str, seed: int, emd_options: dict) -> dict:
     wall = time.perf_counter() - t0
     emd_warnings = [str(w.message)[:160] for w in caught if "emdppl" in str(w.filename)
                     or "generator" in str(w.message)]
-    row = {"model": name, "reference": "posteriordb" if bench.reference else "nuts",
+    label = GIBBS_REFERENCES.get(name, "posteriordb") if bench.reference else "nuts"
+    row = {"model": name, "reference": label,
            "reference_divergences": reference["divergences"],
            "reference_seconds": round(reference_seconds, 1), "wall_seconds": round(wall, 1),
            "error": error, "warnings": emd_warnings}
