@@ -81,7 +81,7 @@ def run_cell(
     """One cold ``emdppl.infer`` call; kernels without warm-up run ``num_warmup`` burn-in
     steps that are dropped, so every cell keeps ``num_samples`` draws after the same number of
     preliminary steps."""
-    has_warmup = get_sampler(sampler).warmup is not None
+    has_warmup = get_sampler(sampler).adapts
     options = {} if step_size is None else {"step_size": step_size}
     algorithm = emdppl.MCMC(
         sampler,

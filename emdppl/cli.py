@@ -20,7 +20,7 @@ def _samplers(args: argparse.Namespace) -> int:
         kind = "exact" if s.is_exact else "unadjusted"
         needs = "logdensity" if s.needs_logdensity else "gradient"
         grads = str(s.grads_per_step) if s.grads_per_step is not None else "varies"
-        warmup = "yes" if s.warmup is not None else "no"
+        warmup = "yes" if s.adapts else "no"
         print(f"{name:<8} {kind:<11} {needs:<11} {grads:<10} {warmup:<8} {s.defaults}")
     return 0
 

@@ -36,9 +36,22 @@ from tqdm.auto import tqdm
 from emdppl.base import Algorithm, PRNGKey, PyTree, as_key
 from emdppl.sharding import place, to_host
 
-__all__ = ["check_checkpoint_dir", "checkpoint_exists", "load_state", "run"]
+__all__ = [
+    "NUM_CHUNKS",
+    "check_checkpoint_dir",
+    "checkpoint_exists",
+    "common_chunk_length",
+    "load_state",
+    "run",
+]
 
 _CHECKPOINT = "checkpoint.json"
+
+#: About how many chunks :func:`run` splits a run into when it shows progress or checkpoints.
+NUM_CHUNKS = 20
+
+#: The most chunks :func:`common_chunk_length` accepts for a run without progress bar.
+_MAX_SHARED_CHUNKS = 64
 
 
 @eqx.filter_jit
@@ -72,6 +85,18 @@ def _chunk_length(num_records: int, target: int) -> int:
     unless that divisor is tiny, in which case ``target`` with a shorter last chunk."""
     best = max(d for d in range(1, min(num_records, target) + 1) if num_records % d == 0)
     return best if best * 4 >= min(num_records, target) else min(num_records, target)
+
+
+def common_chunk_length(record_counts: tuple[int, ...], num_chunks: int) -> int | None:
+    """One chunk length for runs of ``record_counts`` records each (runs of one algorithm,
+    e.g. warm-up and sampling, that then share one compiled chunk): the largest divisor of
+    their greatest common divisor not above ``max(record_counts) / num_chunks``, or ``None``
+    (each run its own length) when that divisor would make the chunks many and tiny."""
+    longest = max(record_counts)
+    target = max(1, math.ceil(longest / num_chunks))
+    common = math.gcd(*record_counts)
+    best = max(d for d in range(1, min(common, target) + 1) if common % d == 0)
+    return best if best * 4 >= target or longest // best <= _MAX_SHARED_CHUNKS else None
 
 
 def check_checkpoint_dir(checkpoint_dir: str | os.PathLike | None) -> None:
@@ -116,10 +141,12 @@ def run(
     state: PyTree,
     *,
     thinning: int = 1,
-    num_chunks: int = 20,
+    num_chunks: int = NUM_CHUNKS,
     progress_bar: bool = True,
     desc: str = "running",
     checkpoint_dir: str | os.PathLike | None = None,
+    chunk_length: int | None = None,
+    keep_trace: bool = True,
 ) -> tuple[PyTree, PyTree]:
     """Advance ``state`` by ``num_steps`` steps of ``algorithm`` and stack what it reports.
 
@@ -145,6 +172,11 @@ def run(
         Show a tqdm bar over steps.
     desc
         Label of the progress bar.
+    chunk_length
+        Records per chunk, in place of the length ``num_chunks`` gives (the last chunk may be
+        shorter); each length is a compilation of the chunk (:func:`common_chunk_length`).
+    keep_trace
+        Collect the trace; ``False``: return ``None`` for it (a burn-in).
     checkpoint_dir
         If given, the state and each new chunk of the trace are written there after every chunk
         (NumPy ``.npz`` files and a JSON index, never pickle: loading runs no code; each chunk
@@ -167,6 +199,8 @@ def run(
         raise ValueError(
             f"num_steps={num_steps} must be >= 0 and a multiple of thinning={thinning} (>= 1)."
         )
+    if not keep_trace and checkpoint_dir is not None:
+        raise ValueError("keep_trace=False cannot be checkpointed: a checkpoint holds the trace.")
     check_checkpoint_dir(checkpoint_dir)
     rng_key = as_key(rng_key)
     num_records = num_steps // thinning
@@ -175,6 +209,8 @@ def run(
     if not progress_bar and checkpoint_dir is None:
         num_chunks = 1
     length = _chunk_length(num_records, max(1, math.ceil(num_records / num_chunks)))
+    if chunk_length is not None:
+        length = chunk_length
 
     done, chunks = 0, []
     directory = _process_directory(checkpoint_dir) if checkpoint_dir is not None else None
@@ -193,10 +229,10 @@ def run(
             state, infos = _chunk(
                 algorithm, state, rng_key, jnp.asarray(done * thinning), n, thinning
             )
-            if directory is None:  # start the copy to the host now, collect it at the end
+            if keep_trace and directory is None:  # copy to the host now, collect at the end
                 jax.tree.map(_copy_to_host_async, infos)
                 chunks.append(infos)
-            else:
+            elif keep_trace:
                 chunks.append(jax.tree.map(to_host, infos))
             done += n
             bar.update(n * thinning)
@@ -204,6 +240,8 @@ def run(
                 _save_checkpoint(directory, meta, done, state, chunks[-1], len(chunks) - 1)
     finally:
         bar.close()
+    if not keep_trace:
+        return state, None
     chunks = jax.tree.map(to_host, chunks)
     trace = jax.tree.map(lambda *xs: np.concatenate(xs, axis=0), *chunks)
     return state, trace

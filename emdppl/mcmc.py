@@ -17,12 +17,13 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 import equinox as eqx
 import jax
+import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
 from emdppl.base import Algorithm, PRNGKey, PyTree, as_key
 from emdppl.diagnostics import check_constrained, check_mcmc, warn
-from emdppl.driver import check_checkpoint_dir, run
+from emdppl.driver import NUM_CHUNKS, check_checkpoint_dir, common_chunk_length, run
 from emdppl.inference_data import to_arviz
 from emdppl.initialization import optimize_positions
 from emdppl.samplers import INIT_STRATEGIES, Sampler, get_sampler
@@ -40,61 +41,111 @@ DEFAULT_INIT_RADIUS = 2.0
 
 
 class MCMCState(NamedTuple):
-    """Per-chain kernel states and kernel parameters (both with a leading chain axis)."""
+    """Per-chain kernel states and kernel parameters (both with a leading chain axis); while a
+    step-by-step warm-up (:class:`~emdppl.samplers.Adaptation`) is part of the run, also its
+    per-chain state and the number of steps taken (a scalar shared by all chains)."""
 
     chain_state: Any
     parameters: dict
+    adaptation: Any = None
+    step: Any = None
 
 
 def _target_fn(sampler: Sampler, logdensity_fn: Callable) -> Callable:
     return logdensity_fn if sampler.needs_logdensity else jax.grad(logdensity_fn)
 
 
+def _where(condition: jax.Array, new: PyTree, old: PyTree) -> PyTree:
+    return jax.tree.map(lambda a, b: jnp.where(condition, a, b), new, old)
+
+
 class _MCMCStep(eqx.Module):
-    """``step(rng_key, state)``: one kernel step of every chain; info = (position, stats)."""
+    """``step(rng_key, state)``: one kernel step of every chain; info = (position, stats).
+
+    With a ``schedule`` (the warm-up's, one row per warm-up step) the first
+    ``len(schedule)`` steps run the kernel with the adaptation's current parameters and
+    update it, the last of them setting the parameters every later step uses: warm-up and
+    sampling are one step function, so one compiled kernel.
+    """
 
     sampler_name: str = eqx.field(static=True)
     options: tuple = eqx.field(static=True)
     logdensity_fn: Callable
+    schedule: jax.Array | None = None
 
     def __call__(self, rng_key: PRNGKey, state: MCMCState) -> tuple[MCMCState, tuple]:
         sampler = get_sampler(self.sampler_name)
-        kernel = sampler.build_kernel(dict(self.options))
+        options = dict(self.options)
+        kernel = sampler.build_kernel(options)
         target_fn = _target_fn(sampler, self.logdensity_fn)
+        adaptation = sampler.adaptation if self.schedule is not None else None
+        if adaptation is not None:  # one predicate for all chains: a real branch under vmap
+            is_warmup = state.step < self.schedule.shape[0]
+            stage = self.schedule[jnp.minimum(state.step, self.schedule.shape[0] - 1)]
 
-        def one_chain(key, chain_state, parameters):
+        def one_chain(key, chain_state, parameters, adapted):
+            if adaptation is not None:
+                parameters = _where(is_warmup, adaptation.parameters(adapted), parameters)
             chain_state, info = kernel(key, chain_state, target_fn, parameters)
-            return chain_state, (chain_state.position, sampler.stats(chain_state, info))
+            if adaptation is not None:
+
+                def adapt(carry):
+                    adapted = adaptation.update(carry[0], stage, chain_state, info, options)
+                    return adapted, adaptation.final(adapted, options)
+
+                adapted, parameters = jax.lax.cond(
+                    is_warmup, adapt, lambda carry: carry, (adapted, parameters)
+                )
+            stats = sampler.stats(chain_state, info)
+            return chain_state, parameters, adapted, (chain_state.position, stats)
 
         num_chains = jax.tree.leaves(state.parameters)[0].shape[0]
         keys = jax.random.split(rng_key, num_chains)
-        chain_state, info = jax.vmap(one_chain)(keys, state.chain_state, state.parameters)
-        return MCMCState(chain_state, state.parameters), info
+        chain_state, parameters, adapted, info = jax.vmap(one_chain)(
+            keys, state.chain_state, state.parameters, state.adaptation
+        )
+        step = None if state.step is None else state.step + 1
+        return MCMCState(chain_state, parameters, adapted, step), info
 
 
 class _MCMCInit(eqx.Module):
-    """``init(position, rng_key)``: kernel states with default parameters (no warm-up)."""
+    """``init(position, rng_key)``: kernel states with default parameters (no warm-up), or
+    the adaptation's initial state and parameters (with a warm-up ``schedule``)."""
 
     sampler_name: str = eqx.field(static=True)
     options: tuple = eqx.field(static=True)
     logdensity_fn: Callable
+    schedule: jax.Array | None = None
 
     def __call__(self, position: PyTree, rng_key: PRNGKey) -> MCMCState:
         sampler = get_sampler(self.sampler_name)
+        options = dict(self.options)
         target_fn = _target_fn(sampler, self.logdensity_fn)
         num_chains = jax.tree.leaves(position)[0].shape[0]
         keys = jax.random.split(rng_key, num_chains)
         chain_state = jax.vmap(lambda x, k: sampler.init(x, target_fn, k))(position, keys)
-        parameters = jax.vmap(lambda x: sampler.parameters(x, dict(self.options)))(position)
-        return MCMCState(chain_state, parameters)
+        if self.schedule is None:
+            parameters = jax.vmap(lambda x: sampler.parameters(x, options))(position)
+            return MCMCState(chain_state, parameters)
+        adaptation = sampler.adaptation
+        keys = jax.random.split(jax.random.fold_in(rng_key, 1), num_chains)
+        adapted = jax.vmap(lambda k, x: adaptation.init(k, x, self.logdensity_fn, options))(
+            keys, position
+        )
+        parameters = jax.vmap(lambda a: adaptation.final(a, options))(adapted)
+        return MCMCState(chain_state, parameters, adapted, jnp.zeros((), jnp.int32))
 
 
-def mcmc_algorithm(sampler: str, logdensity_fn: Callable, **options: Any) -> Algorithm:
+def mcmc_algorithm(
+    sampler: str, logdensity_fn: Callable, *, num_warmup: int = 0, **options: Any
+) -> Algorithm:
     """The MCMC ``Algorithm`` of a registered sampler on ``logdensity_fn``, over many chains.
 
     ``init(position, rng_key)`` takes positions with a leading ``(num_chains,)`` axis and uses
     the sampler's default parameters; ``step(rng_key, state)`` advances every chain and reports
-    ``(position, stats)`` per chain.
+    ``(position, stats)`` per chain. With ``num_warmup > 0`` (a sampler with an
+    :class:`~emdppl.samplers.Adaptation`) the first ``num_warmup`` steps are its warm-up,
+    adapting the parameters, and the steps after sample with the adapted ones.
 
     Examples
     --------
@@ -104,9 +155,17 @@ def mcmc_algorithm(sampler: str, logdensity_fn: Callable, **options: Any) -> Alg
     """
     sampler_obj = get_sampler(sampler)
     frozen = tuple(sorted(sampler_obj.options(**options).items()))
+    schedule = None
+    if num_warmup > 0:
+        if sampler_obj.adaptation is None:
+            raise ValueError(
+                f"mcmc_algorithm: sampler {sampler!r} has no step-by-step warm-up; use "
+                "emdppl.MCMC, which runs any sampler's warm-up, or num_warmup=0."
+            )
+        schedule = sampler_obj.adaptation.schedule(num_warmup)
     return Algorithm(
-        init=_MCMCInit(sampler, frozen, logdensity_fn),
-        step=_MCMCStep(sampler, frozen, logdensity_fn),
+        init=_MCMCInit(sampler, frozen, logdensity_fn, schedule),
+        step=_MCMCStep(sampler, frozen, logdensity_fn, schedule),
     )
 
 
@@ -126,6 +185,22 @@ def _warmup(
 
     chain_state, parameters = jax.vmap(one_chain)(keys, position)
     return MCMCState(chain_state, parameters)
+
+
+def _warmup_records(
+    num_warmup: int, thinning: int, num_records: int, num_chunks: int
+) -> tuple[int, int | None]:
+    """``(warm-up records, chunk length)`` for a warm-up of at least ``num_warmup`` steps
+    before ``num_records`` thinned draws: the fewest whole records (at most 10% more than
+    needed; the steps past ``num_warmup`` sample with the adapted parameters and are dropped)
+    for which both phases share a chunk length (:func:`emdppl.driver.common_chunk_length`),
+    else the fewest records and ``None``."""
+    fewest = -(-num_warmup // thinning)
+    for records in range(fewest, fewest + fewest // 10 + 1):
+        length = common_chunk_length((records, num_records), num_chunks)
+        if length is not None:
+            return records, length
+    return fewest, None
 
 
 class MCMCResult(NamedTuple):
@@ -190,7 +265,7 @@ class MCMC:
         Half-width of the uniform draws.
     checkpoint_dir
         If given, sampling writes a checkpoint there after every chunk and a run that finds one
-        resumes from it (see :func:`emdppl.run`); warm-up is one jitted call and is redone.
+        resumes from it (see :func:`emdppl.run`); warm-up is not checkpointed and is redone.
     devices
         Where the chains run (:func:`emdppl.sharding.chain_mesh`): ``None`` (the default
         device), ``"all"``, an int (the first ``n`` of ``jax.devices()``), a list of devices or a
@@ -295,13 +370,40 @@ class MCMC:
         mesh = chain_mesh(self.devices, target.num_chains)
         check_checkpoint_dir(self.checkpoint_dir)  # before the warm-up
         logdensity_fn = replicate(target.logdensity_fn, mesh)
-        algorithm = mcmc_algorithm(self.sampler, logdensity_fn, **self.options)
+        adapting = self.num_warmup > 0 and sampler.adaptation is not None
+        algorithm = mcmc_algorithm(
+            self.sampler,
+            logdensity_fn,
+            num_warmup=self.num_warmup if adapting else 0,
+            **self.options,
+        )
 
         start = time.perf_counter()
         # fold_in: the strategy's key leaves the warm-up and sampling keys as they were
         position = self.initialize(jax.random.fold_in(init_key, 1), target).initial_position
         position = shard_chains(position, mesh)
-        if self.num_warmup > 0 and sampler.warmup is not None:
+        chunk_length = None
+        if adapting:  # warm-up and sampling: one step function, one chunk length, one compile
+            records, chunk_length = _warmup_records(
+                self.num_warmup,
+                self.thinning,
+                self.num_samples,
+                NUM_CHUNKS if progress_bar or self.checkpoint_dir is not None else 1,
+            )
+            num_warmup = records * self.thinning
+            state = eqx.filter_jit(algorithm.init)(position, init_key)
+            state, _ = run(
+                warmup_key,
+                algorithm,
+                num_warmup,
+                state,
+                thinning=self.thinning,
+                progress_bar=progress_bar,
+                desc=f"{self.sampler} warmup",
+                chunk_length=chunk_length,
+                keep_trace=False,
+            )
+        elif self.num_warmup > 0 and sampler.warmup is not None:
             keys = shard_chains(jax.random.split(warmup_key, target.num_chains), mesh)
             with tqdm(total=1, desc=f"{self.sampler} warmup", disable=not progress_bar) as bar:
                 state = _warmup(
@@ -318,6 +420,7 @@ class MCMC:
                 state,
                 progress_bar=progress_bar,
                 desc=f"{self.sampler} burn-in",
+                keep_trace=False,
             )
         warmup_seconds = time.perf_counter() - start
 
@@ -331,6 +434,7 @@ class MCMC:
             progress_bar=progress_bar,
             desc=f"{self.sampler} sampling",
             checkpoint_dir=self.checkpoint_dir,
+            chunk_length=chunk_length,
         )
         sampling_seconds = time.perf_counter() - start
 

@@ -35,7 +35,11 @@ import blackjax
 import jax
 import jax.numpy as jnp
 from blackjax.adaptation.mass_matrix import MassMatrixAdaptationState, welford_algorithm
-from blackjax.adaptation.metric_recipes import MetricCore
+from blackjax.adaptation.metric_recipes import MetricCore, lookup_recipe
+
+# The staged engine's (init, update, final) one step at a time: its public face,
+# window_adaptation.base, is deprecated in blackjax 1.7.1 (pyproject pins >= 1.7.1, < 1.8).
+from blackjax.adaptation.staged_adaptation import _make_engine, build_schedule
 from jax.flatten_util import ravel_pytree
 
 from emdppl.base import PRNGKey, PyTree
@@ -45,6 +49,7 @@ from emdppl.kernels import ula as ula_module
 
 __all__ = [
     "INIT_STRATEGIES",
+    "Adaptation",
     "SAMPLERS",
     "PositionState",
     "Sampler",
@@ -65,6 +70,36 @@ class PositionState(NamedTuple):
     """Chain state of the stochastic-gradient kernels, which carry nothing but the position."""
 
     position: PyTree
+
+
+class Adaptation(NamedTuple):
+    """A warm-up that adapts the kernel's parameters one kernel step at a time.
+
+    :class:`emdppl.MCMC` runs such a warm-up and the sampling through one compiled step (the
+    kernel then appears once in the program XLA compiles, not once per phase). All functions
+    are for one chain; ``options`` are the sampler's options.
+
+    Attributes
+    ----------
+    init
+        ``init(rng_key, position, logdensity_fn, options) -> state``.
+    parameters
+        ``parameters(state) -> dict``: the kernel parameters in force during warm-up.
+    update
+        ``update(state, stage, chain_state, info, options) -> state`` after a kernel step;
+        ``stage`` is the step's row of ``schedule``.
+    final
+        ``final(state, options) -> dict``: the parameters sampling uses (the keys of
+        ``parameters``).
+    schedule
+        ``schedule(num_steps) -> array (num_steps, 2)`` of ints, one row per warm-up step.
+    """
+
+    init: Callable
+    parameters: Callable
+    update: Callable
+    final: Callable
+    schedule: Callable
 
 
 class Sampler(NamedTuple):
@@ -89,7 +124,7 @@ class Sampler(NamedTuple):
         ``parameters(position, options) -> dict`` of kernel parameters when no warm-up is run.
     warmup
         ``warmup(rng_key, position, logdensity_fn, num_steps, options) -> (state, parameters)``
-        for one chain, or ``None`` when the sampler has no adaptation.
+        for one chain, a whole warm-up in one call, or ``None``.
     grads_per_step
         Gradient evaluations per step, or ``None`` when it varies (read ``n_grad_evals``).
     needs_logdensity
@@ -100,6 +135,10 @@ class Sampler(NamedTuple):
     default_init
         Where :class:`emdppl.MCMC` starts the chains unless told (one of
         :data:`INIT_STRATEGIES`).
+    adaptation
+        An :class:`Adaptation` (a warm-up step by step), or ``None``. A sampler has at most one
+        of ``warmup`` and ``adaptation``; with neither, warm-up is burn-in with the default
+        parameters.
     """
 
     name: str
@@ -113,6 +152,12 @@ class Sampler(NamedTuple):
     needs_logdensity: bool
     is_exact: bool
     default_init: str = "uniform"
+    adaptation: Adaptation | None = None
+
+    @property
+    def adapts(self) -> bool:
+        """Whether warm-up adapts the kernel's parameters (``warmup`` or ``adaptation``)."""
+        return self.warmup is not None or self.adaptation is not None
 
     def options(self, **options: Any) -> dict:
         """Return the defaults updated with ``options``; an unknown option is a ``ValueError``."""
@@ -141,6 +186,7 @@ def register_sampler(
     needs_logdensity: bool = True,
     is_exact: bool = True,
     default_init: str = "uniform",
+    adaptation: Adaptation | None = None,
     replace: bool = False,
 ) -> Sampler:
     """Add a sampler to the registry and return it.
@@ -180,6 +226,11 @@ def register_sampler(
             f"register_sampler({name!r}): default_init must be one of {INIT_STRATEGIES}, got "
             f"{default_init!r}."
         )
+    if warmup is not None and adaptation is not None:
+        raise ValueError(
+            f"register_sampler({name!r}): give a whole warm-up (warmup=) or a step-by-step one "
+            "(adaptation=), not both."
+        )
     defaults = dict(defaults or {})
     if parameters is None:
         if "step_size" not in defaults:
@@ -204,6 +255,7 @@ def register_sampler(
         needs_logdensity=needs_logdensity,
         is_exact=is_exact,
         default_init=default_init,
+        adaptation=adaptation,
     )
     SAMPLERS[name] = sampler
     return sampler
@@ -392,9 +444,10 @@ def welford_metric(is_diagonal: bool, initial_inverse_mass_matrix: jax.Array) ->
 ADAPTATIONS = ("stan", "scale_free")
 
 
-def _window_warmup(module: Any, option_names: tuple[str, ...] = ()) -> Callable:
+def _window_adaptation(module: Any, option_names: tuple[str, ...] = ()) -> Adaptation:
     """Window adaptation: Stan's schedule of step size by dual averaging and a diagonal or
-    dense mass matrix; the ``option_names`` options are passed on to the kernel.
+    dense mass matrix, step by step (blackjax's staged engine); the ``option_names`` options
+    are passed on to the kernel.
 
     ``adaptation="stan"``: blackjax's window adaptation, from the identity metric and
     ``step_size``. ``adaptation="scale_free"``: the same schedule from the curvature's metric
@@ -402,47 +455,61 @@ def _window_warmup(module: Any, option_names: tuple[str, ...] = ()) -> Callable:
     there, each window regularised towards the previous one (:func:`welford_metric`).
     """
 
-    def warmup(
-        rng_key: PRNGKey, position: PyTree, logdensity_fn: Callable, num_steps: int, options: dict
-    ) -> tuple[Any, dict]:
-        kernel_options = {name: options[name] for name in option_names}
+    def engine(options: dict, initial_metric: jax.Array) -> tuple[Callable, Callable, Callable]:
+        # (init, update, final) of blackjax's staged window adaptation; ``initial_metric``
+        # (shape (d,)) is read by ``init`` only
         dense = options.get("dense_mass", False)
         adaptation = options.get("adaptation", "stan")
-        settings = dict(target_acceptance_rate=options["target_accept"], **kernel_options)
         if adaptation == "stan":
-            algorithm = blackjax.window_adaptation(
-                module,
-                logdensity_fn,
-                is_mass_matrix_diagonal=not dense,
-                initial_step_size=options.get("step_size", 1.0),
-                **settings,
-            )
+            core = lookup_recipe("welford_dense" if dense else "welford_diag").build_core()
         elif adaptation == "scale_free":
-            search_key, rng_key = jax.random.split(rng_key)
-            diagonal = laplace_inverse_mass_matrix(logdensity_fn, position)
+            core = welford_metric(not dense, initial_metric)
+        else:
+            raise ValueError(f"adaptation must be one of {ADAPTATIONS}, got {adaptation!r}.")
+        return _make_engine(core, target_acceptance_rate=options["target_accept"])
+
+    def init(rng_key: PRNGKey, position: PyTree, logdensity_fn: Callable, options: dict):
+        step_size = options.get("step_size", 1.0)
+        metric = jnp.ones(_flat_size(position))
+        if options.get("adaptation", "stan") == "scale_free":
+            metric = laplace_inverse_mass_matrix(logdensity_fn, position)
+            dense = options.get("dense_mass", False)
             step_size = find_step_size(
-                search_key,
+                rng_key,
                 module.build_kernel(),
                 module.init(position, logdensity_fn),
                 logdensity_fn,
-                options.get("step_size", 1.0),
-                jnp.diag(diagonal) if dense else diagonal,
+                step_size,
+                jnp.diag(metric) if dense else metric,
                 options["target_accept"],
-                **kernel_options,
+                **{name: options[name] for name in option_names},
             )
-            algorithm = blackjax.staged_adaptation(
-                module,
-                logdensity_fn,
-                metric=welford_metric(not dense, diagonal),
-                initial_step_size=step_size,
-                **settings,
-            )
-        else:
-            raise ValueError(f"adaptation must be one of {ADAPTATIONS}, got {adaptation!r}.")
-        (result, _) = algorithm.run(rng_key, position, num_steps)
-        return result.state, dict(result.parameters)
+        state = engine(options, metric)[0](position, step_size)
+        # not weakly typed: the state a step returns must have the types it was given
+        dtype = state.ss_state.log_step_size.dtype
+        return state._replace(step_size=jnp.asarray(state.step_size, dtype))
 
-    return warmup
+    def size_of(state: Any) -> jax.Array:  # update and final read only its size
+        return jnp.ones(state.inverse_mass_matrix.shape[0])
+
+    def update(state: Any, stage: jax.Array, chain_state: Any, info: Any, options: dict):
+        adapt = engine(options, size_of(state))[1]
+        stage = (stage[0], stage[1].astype(bool))
+        position, grad = chain_state.position, chain_state.logdensity_grad
+        return adapt(state, stage, position, grad, info.acceptance_rate)
+
+    def final(state: Any, options: dict) -> dict:
+        step_size, inverse_mass_matrix = engine(options, size_of(state))[2](state)
+        step_size = jnp.asarray(step_size, state.ss_state.log_step_size.dtype)  # not weak
+        return {"step_size": step_size, "inverse_mass_matrix": inverse_mass_matrix}
+
+    def parameters(state: Any) -> dict:
+        return {"step_size": state.step_size, "inverse_mass_matrix": state.inverse_mass_matrix}
+
+    def schedule(num_steps: int) -> jax.Array:
+        return jnp.asarray(build_schedule(num_steps), jnp.int32).reshape(num_steps, 2)
+
+    return Adaptation(init, parameters, update, final, schedule)
 
 
 def _hmc_parameters(position: PyTree, options: dict) -> dict:
@@ -517,7 +584,7 @@ def _window_adapted(
     module: Any, *, defaulted: tuple[str, ...] = (), keywords: tuple[str, ...] = ()
 ) -> dict:
     """The :func:`register_sampler` arguments ``init``, ``build_kernel``, ``parameters`` and
-    ``warmup`` of a blackjax kernel ``kernel(..., step_size, inverse_mass_matrix, ...)`` with
+    ``adaptation`` of a blackjax kernel ``kernel(..., step_size, inverse_mass_matrix, ...)`` with
     Stan's window adaptation; ``defaulted`` and ``keywords`` as in :func:`_kernel_builder`, and
     both passed on to the adaptation."""
     return {
@@ -529,7 +596,7 @@ def _window_adapted(
             keywords=keywords,
         ),
         "parameters": _hmc_parameters,
-        "warmup": _window_warmup(module, defaulted + keywords),
+        "adaptation": _window_adaptation(module, defaulted + keywords),
     }
 
 

@@ -30,7 +30,7 @@ WORKER = textwrap.dedent(
     idata = emdppl.infer(model, mcmc, model_kwargs=dict(X=X, y=y), rng_key=5, progress_bar=False)
     checkpoint = {}
     if jax.process_count() > 1:
-        # Stop both processes in the 3rd of 20 checkpoints: process 0 after writing all of it,
+        # Stop both processes in the 3rd of 30 checkpoints: process 0 after writing all of it,
         # process 1 after its trace chunk and state but before its index (as if killed there),
         # then run again: they must agree on 2 chunks and give the uninterrupted draws.
         from emdppl import driver
@@ -148,12 +148,13 @@ def test_every_process_gets_all_draws(runs):
 
 
 def test_checkpoints_per_process_resume_together_bit_for_bit(runs):
-    """Stopped with process 1 one chunk (15 draws) behind process 0, the two resume from the
+    """Stopped with process 1 one chunk (10 draws: the chunk length warm-up and sampling share,
+    a divisor of 200 and 300) behind process 0, the two resume from the
     chunk both wrote and return the uninterrupted run's draws exactly; a process directory
     passed as checkpoint_dir in a 2-process run is refused (it holds a 1-process layout)."""
     processes, _ = runs
     by_index = sorted(processes, key=lambda p: p["process"])
-    assert [p["checkpoint"]["done_when_stopped"] for p in by_index] == [45, 30]
+    assert [p["checkpoint"]["done_when_stopped"] for p in by_index] == [30, 20]
     for p in processes:
         np.testing.assert_array_equal(p["checkpoint"]["resumed"], p["draws"])
         assert "holds the checkpoint of a run over 1 process(es)" in p["checkpoint"]["refused"]
