@@ -330,9 +330,12 @@ POSTERIOR_CONFIG = DistillConfig(
 
 
 @eqx.filter_jit
-def _log_weights(teacher: DensityTeacher, generator: Any, draws: jax.Array) -> jax.Array:
-    """``log p(u) - log q(u)`` (unnormalised) at the generator's draws ``u (n, d)``: ``(n,)``."""
-    return jax.vmap(lambda u: teacher.log_prob(u) - generator.log_prob(u))(draws)
+def _log_densities(
+    teacher: DensityTeacher, generator: Any, draws: jax.Array
+) -> tuple[jax.Array, jax.Array]:
+    """``(log p(u), log q(u))`` (unnormalised) at the generator's draws ``u (n, d)``, each
+    ``(n,)``."""
+    return jax.vmap(lambda u: (teacher.log_prob(u), generator.log_prob(u)))(draws)
 
 
 def psis(log_weights: Any) -> tuple[np.ndarray, float]:
@@ -362,24 +365,68 @@ def psis(log_weights: Any) -> tuple[np.ndarray, float]:
     return weights, float(k) if finite.all() else float("inf")
 
 
-def check_fit(log_weights: Any) -> tuple[np.ndarray, float]:
+def check_fit(
+    log_weights: Any, draws: Any = None, log_p: Any = None
+) -> tuple[np.ndarray, float]:
     r""":func:`psis` of one-step draws with importance log weights ``log p - log q`` (``(n,)``),
     warning when they do not represent the posterior: :math:`\hat k` above
     :math:`\min(1 - 1/\log_{10} n, 0.7)`, where importance-sampling (and so variational)
-    estimates become unreliable (Yao et al. 2018; Vehtari et al. 2024)."""
-    n = int(np.asarray(log_weights).shape[0])
+    estimates become unreliable (Yao et al. 2018; Vehtari et al. 2024).
+
+    Non-finite weights are named in the warning, given the ``draws`` (``(n, d)``, in the
+    teacher's standardised coordinates, where the posterior's scales are about one) and
+    ``log_p`` (``(n,)``): how many draws have NaN or infinite coordinates, how many finite
+    draws have a non-finite ``log p`` (and how far out the draws lie, in posterior sds) and how
+    many a non-finite ``log q``.
+    """
+    log_weights = np.asarray(log_weights, np.float64)
+    n = int(log_weights.shape[0])
     weights, k = psis(log_weights)
     threshold = min(1 - 1 / np.log10(max(n, 11)), 0.7)
     if not k <= threshold:
+        cause = _nonfinite_weights(log_weights, draws, log_p) or (
+            " Raise num_steps or try generator='maf'."
+        )
         warnings.warn(
             f"the distilled generator does not represent this posterior: PSIS k-hat "
             f"{k:.2f} > {threshold:.2f} (importance weights posterior / generator over "
-            f"{n} draws). Means and sds from its draws can be wrong. Raise num_steps, try "
-            "generator='maf', or use MCMC (emdppl.infer(model, 'nuts')).",
+            f"{n} draws). Means and sds from its draws can be wrong.{cause} Or use MCMC "
+            "(emdppl.infer(model, 'nuts')).",
             RuntimeWarning,
             stacklevel=caller_stacklevel(),
         )
     return weights, k
+
+
+def _nonfinite_weights(log_weights: np.ndarray, draws: Any, log_p: Any) -> str:
+    """The sentences of :func:`check_fit`'s warning on non-finite weights ('' when none)."""
+    bad = ~np.isfinite(log_weights)
+    n = log_weights.shape[0]
+    if not bad.any():
+        return ""
+    if draws is None or log_p is None:
+        return f" {int(bad.sum())} of {n} log weights are not finite."
+    draws = np.asarray(draws, np.float64).reshape(n, -1)
+    broken = ~np.isfinite(draws).all(axis=1)
+    no_p = bad & ~broken & ~np.isfinite(np.asarray(log_p, np.float64))
+    no_q = bad & ~broken & ~no_p
+    parts = []
+    if broken.any():
+        parts.append(f"{int(broken.sum())} of {n} draws have NaN or infinite coordinates")
+    if no_p.any():
+        reach = np.median(np.abs(draws[no_p]).max(axis=1))
+        parts.append(
+            f"{int(no_p.sum())} of {n} finite draws have a non-finite posterior log density "
+            f"(those draws lie a median {reach:.3g} posterior sds out, where the model's "
+            "transforms overflow)"
+        )
+    if no_q.any():
+        parts.append(f"{int(no_q.sum())} of {n} have a non-finite generator log density")
+    return (
+        " " + "; ".join(parts) + ". The generator diverged in training: lower learning_rate; "
+        "update_z=True (mass covering, z sampled) over-disperses, try the default "
+        "update_z=False."
+    )
 
 
 class OwnDensityStudent(generators_module.AbstractGenerator):
@@ -560,9 +607,14 @@ class EMD:
         k_pool, k_resample = jax.random.split(rng_key)
         pool_size = self.num_samples * (IMPORTANCE_POOL if self.importance_resampling else 1)
         pool = _sample(generator, k_pool, pool_size)
-        log_weights = np.asarray(_log_weights(teacher, generator, pool))
-        weights, k = check_fit(log_weights)
-        attrs = {"pareto_k": k, "importance_ess": float(1 / np.sum(weights**2))}
+        log_p, log_q = (np.asarray(x) for x in _log_densities(teacher, generator, pool))
+        log_weights = log_p - log_q
+        weights, k = check_fit(log_weights, pool, log_p)
+        attrs = {
+            "pareto_k": k,
+            "importance_ess": float(1 / np.sum(weights**2)),
+            "nonfinite_draws": int(np.sum(~np.isfinite(np.asarray(pool)).all(axis=1))),
+        }
         if not (self.importance_resampling and k <= 1.0):
             kept = log_weights[: self.num_samples].reshape(self.num_chains, -1)
             return (

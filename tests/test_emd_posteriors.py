@@ -87,6 +87,29 @@ def test_check_fit_is_loud_only_for_a_bad_fit():
     assert k == float("inf") and np.all(weights[2::4] == 0)
 
 
+def test_check_fit_names_nonfinite_draws_and_weights():
+    """A generator that diverged (NaN coordinates), draws where the posterior's log density
+    overflows (finite draws far out) and draws where the generator's own density is not finite
+    are told apart, with counts and how far out, in the warning."""
+    x = np.random.default_rng(1).normal(size=(400, 2))
+    log_p = -0.5 * (x**2).sum(axis=1)
+    log_q = np.zeros(400)
+    x[:7, 1] = np.nan
+    log_p[:7] = np.nan  # where the draw is NaN, so is its density
+    x[7:10] = 1e4
+    log_p[7:10] = -np.inf  # far out: the model's transforms overflow
+    log_q[10:12] = np.nan
+    with pytest.warns(RuntimeWarning, match="PSIS k-hat inf") as record:
+        weights, k = check_fit(log_p - log_q, x, log_p)
+    message = str(record[0].message)
+    assert "7 of 400 draws have NaN or infinite coordinates" in message
+    assert "3 of 400 finite draws have a non-finite posterior log density" in message
+    assert "median 1e+04 posterior sds out" in message
+    assert "2 of 400 have a non-finite generator log density" in message
+    assert "update_z=False" in message
+    assert np.all(weights[:12] == 0) and abs(weights.sum() - 1) < 1e-9
+
+
 def _check_against_reference(name: str, num_samples: int = 4000):
     bench = SAMPLER_MODELS[name]
     kwargs = {k: np.asarray(v) for k, v in bench.load_kwargs().items()}
