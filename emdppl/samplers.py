@@ -476,7 +476,7 @@ def _window_adaptation(module: Any, option_names: tuple[str, ...] = ()) -> Adapt
             dense = options.get("dense_mass", False)
             step_size = find_step_size(
                 rng_key,
-                module.build_kernel(),
+                _finite_only(module.build_kernel()),
                 module.init(position, logdensity_fn),
                 logdensity_fn,
                 step_size,
@@ -550,6 +550,27 @@ def _blackjax_init(module: Any) -> Callable:
     return init
 
 
+def _finite_only(kernel: Callable) -> Callable:
+    """``kernel`` that never moves to a state whose log density is not finite: such a state is
+    replaced by the current one, with acceptance 0 and, where the info has them, not accepted
+    and divergent. (blackjax 1.7.1 maps a NaN energy difference to a rejection but accepts a
+    proposal of energy -inf, which a float32 quadratic form overflowing to -inf at a diverged
+    HMC trajectory's end produces.)"""
+
+    def finite_kernel(rng_key, state, logdensity_fn, *args, **kwargs):
+        new_state, info = kernel(rng_key, state, logdensity_fn, *args, **kwargs)
+        ok = jnp.isfinite(new_state.logdensity)
+        new_state = jax.tree.map(lambda a, b: jnp.where(ok, a, b), new_state, state)
+        fields = {"acceptance_rate": jnp.where(ok, info.acceptance_rate, 0.0)}
+        if "is_accepted" in info._fields:
+            fields["is_accepted"] = info.is_accepted & ok
+        if "is_divergent" in info._fields:
+            fields["is_divergent"] = info.is_divergent | ~ok
+        return new_state, info._replace(**fields)
+
+    return finite_kernel
+
+
 def _kernel_builder(
     build_kernel: Callable[[], Callable],
     parameter_names: tuple[str, ...],
@@ -585,12 +606,13 @@ def _window_adapted(
 ) -> dict:
     """The :func:`register_sampler` arguments ``init``, ``build_kernel``, ``parameters`` and
     ``adaptation`` of a blackjax kernel ``kernel(..., step_size, inverse_mass_matrix, ...)`` with
-    Stan's window adaptation; ``defaulted`` and ``keywords`` as in :func:`_kernel_builder`, and
+    Stan's window adaptation, the kernel never moving to a non-finite log density
+    (:func:`_finite_only`); ``defaulted`` and ``keywords`` as in :func:`_kernel_builder`, and
     both passed on to the adaptation."""
     return {
         "init": _blackjax_init(module),
         "build_kernel": _kernel_builder(
-            module.build_kernel,
+            lambda: _finite_only(module.build_kernel()),
             ("step_size", "inverse_mass_matrix"),
             defaulted=defaulted,
             keywords=keywords,
