@@ -21,7 +21,15 @@ import numpy as np
 PRNGKey = jax.Array
 PyTree = Any
 
-__all__ = ["Algorithm", "PRNGKey", "PyTree", "as_key", "caller_stacklevel", "tree_all_finite"]
+__all__ = [
+    "Algorithm",
+    "PRNGKey",
+    "PyTree",
+    "as_key",
+    "caller_stacklevel",
+    "tree_all_finite",
+    "tree_where",
+]
 
 
 class Algorithm(NamedTuple):
@@ -84,3 +92,9 @@ def tree_all_finite(tree: PyTree) -> jax.Array:
         if jax.numpy.issubdtype(jax.numpy.result_type(x), jax.numpy.inexact)
     ]
     return jax.numpy.all(jax.numpy.stack(leaves)) if leaves else jax.numpy.asarray(True)
+
+
+def tree_where(condition: jax.Array, new: PyTree, old: PyTree) -> PyTree:
+    """``new`` where the scalar (or broadcastable) ``condition`` holds, else ``old``, leaf by
+    leaf (``new`` and ``old`` of one structure)."""
+    return jax.tree.map(lambda a, b: jax.numpy.where(condition, a, b), new, old)

@@ -47,7 +47,7 @@ from jax.sharding import Mesh
 
 from emdppl import generators as generators_module
 from emdppl import schedule
-from emdppl.base import Algorithm, PRNGKey, PyTree, tree_all_finite
+from emdppl.base import Algorithm, PRNGKey, PyTree, tree_all_finite, tree_where
 from emdppl.distill_config import DistillConfig
 from emdppl.estep import EStepTarget, draw, estep, sampler_parameters
 from emdppl.losses import dsm_loss, generator_loss
@@ -264,7 +264,7 @@ class _Kernel(_Networks):
         skipped = state._replace(
             num_skipped=state.num_skipped + 1, consecutive_skipped=state.consecutive_skipped + 1
         )
-        state = jax.tree.map(lambda a, b: jnp.where(is_finite, a, b), new, skipped)
+        state = tree_where(is_finite, new, skipped)
         state = constrain_replicated(state, self.mesh)
         info = EMDInfo(
             loss=loss,

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from emdppl.base import Algorithm, PRNGKey, PyTree, as_key
+from emdppl.base import Algorithm, PRNGKey, PyTree, as_key, tree_where
 from emdppl.diagnostics import check_constrained, check_mcmc, warn
 from emdppl.driver import NUM_CHUNKS, check_checkpoint_dir, common_chunk_length, run
 from emdppl.inference_data import to_arviz
@@ -55,10 +55,6 @@ def _target_fn(sampler: Sampler, logdensity_fn: Callable) -> Callable:
     return logdensity_fn if sampler.needs_logdensity else jax.grad(logdensity_fn)
 
 
-def _where(condition: jax.Array, new: PyTree, old: PyTree) -> PyTree:
-    return jax.tree.map(lambda a, b: jnp.where(condition, a, b), new, old)
-
-
 class _MCMCStep(eqx.Module):
     """``step(rng_key, state)``: one kernel step of every chain; info = (position, stats).
 
@@ -85,7 +81,7 @@ class _MCMCStep(eqx.Module):
 
         def one_chain(key, chain_state, parameters, adapted):
             if adaptation is not None:
-                parameters = _where(is_warmup, adaptation.parameters(adapted), parameters)
+                parameters = tree_where(is_warmup, adaptation.parameters(adapted), parameters)
             chain_state, info = kernel(key, chain_state, target_fn, parameters)
             if adaptation is not None:
 

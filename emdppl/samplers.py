@@ -42,7 +42,7 @@ from blackjax.adaptation.metric_recipes import MetricCore, lookup_recipe
 from blackjax.adaptation.staged_adaptation import _make_engine, build_schedule
 from jax.flatten_util import ravel_pytree
 
-from emdppl.base import PRNGKey, PyTree
+from emdppl.base import PRNGKey, PyTree, tree_where
 from emdppl.curvature import difference_diagonal, exact_or_differences
 from emdppl.kernels import mala as mala_module
 from emdppl.kernels import ula as ula_module
@@ -560,7 +560,7 @@ def _finite_only(kernel: Callable) -> Callable:
     def finite_kernel(rng_key, state, logdensity_fn, *args, **kwargs):
         new_state, info = kernel(rng_key, state, logdensity_fn, *args, **kwargs)
         ok = jnp.isfinite(new_state.logdensity)
-        new_state = jax.tree.map(lambda a, b: jnp.where(ok, a, b), new_state, state)
+        new_state = tree_where(ok, new_state, state)
         fields = {"acceptance_rate": jnp.where(ok, info.acceptance_rate, 0.0)}
         if "is_accepted" in info._fields:
             fields["is_accepted"] = info.is_accepted & ok
