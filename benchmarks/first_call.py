@@ -68,10 +68,19 @@ def _child(method: str, model: str, seed: int, settings: dict) -> dict:
     }
 
 
+def _child_environment() -> dict[str, str]:
+    """This environment without the persistent compilation cache, and with bytecode caching on
+    (a user's default; a machine that sets ``PYTHONDONTWRITEBYTECODE`` would make every child
+    recompile emdppl's and the benchmarks' sources, but not the installed libraries')."""
+    skip = ("JAX_COMPILATION_CACHE", "PYTHONDONTWRITEBYTECODE")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(skip)}
+    env["JAX_ENABLE_COMPILATION_CACHE"] = "false"
+    return env
+
+
 def _fresh_run(method: str, model: str, seed: int, settings: dict) -> dict:
     """:func:`_child` in a new interpreter without the persistent compilation cache."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("JAX_COMPILATION_CACHE")}
-    env["JAX_ENABLE_COMPILATION_CACHE"] = "false"
+    env = _child_environment()
     command = [
         sys.executable,
         "-m",
@@ -104,6 +113,8 @@ def benchmark_model(model: str, settings: dict, seed: int, repeats: int) -> dict
         / median["numpyro"]["first_call_seconds"],
         "compile emdppl/blackjax": median["emdppl"]["compile_seconds"]
         / median["blackjax"]["compile_seconds"],
+        "call emdppl/numpyro": median["emdppl"]["call_seconds"]
+        / median["numpyro"]["call_seconds"],
         "compile emdppl/numpyro": median["emdppl"]["compile_seconds"]
         / median["numpyro"]["compile_seconds"],
     }
@@ -188,6 +199,10 @@ def main(argv: list[str] | None = None) -> dict:
         "num_warmup": args.num_warmup,
         "num_samples": args.num_samples,
     }
+    subprocess.run(  # bytecode for emdppl and benchmarks, as an installed package has it
+        [sys.executable, "-m", "compileall", "-q", "emdppl", "benchmarks"],
+        cwd=ROOT, env=_child_environment(), capture_output=True, check=True,
+    )
     results = {m: benchmark_model(m, settings, args.seed, args.repeats) for m in args.models}
     print_table(results)
     report = common.make_report({**settings, "repeats": args.repeats}, results=results)
