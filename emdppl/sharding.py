@@ -7,6 +7,10 @@
 partitions warm-up and sampling by the shardings of its inputs: chains are independent, so the
 compiled program has no collectives.
 
+:func:`particle_mesh` does the same for :class:`emdppl.SVI`'s ELBO particles and posterior
+draws over a ``"particle"`` axis (the particles are drawn inside the jitted step and split
+there by :func:`constrain_leading`; their mean, and so the gradient, becomes an all-reduce).
+
 :func:`batch_mesh` does the same for EM distillation (:func:`emdppl.distill`,
 :class:`emdppl.EMD`) over a ``"batch"`` axis: the batch is drawn inside the jitted step, so
 :func:`constrain_leading` splits it there (``with_sharding_constraint``) while the parameters
@@ -30,12 +34,14 @@ from emdppl.base import PyTree
 __all__ = [
     "BATCH_AXIS",
     "CHAIN_AXIS",
+    "PARTICLE_AXIS",
     "batch_mesh",
     "chain_mesh",
     "constrain_leading",
     "constrain_replicated",
     "describe",
     "device_mesh",
+    "particle_mesh",
     "place",
     "replicate",
     "shard_chains",
@@ -44,6 +50,7 @@ __all__ = [
 
 CHAIN_AXIS = "chain"
 BATCH_AXIS = "batch"
+PARTICLE_AXIS = "particle"
 
 #: What ``devices=`` accepts, besides a :class:`~jax.sharding.Mesh`.
 Devices = None | str | int | Sequence[Any] | Mesh
@@ -68,6 +75,13 @@ def batch_mesh(devices: Devices, batch_size: int) -> Mesh | None:
     (('batch',), 4)
     """
     return device_mesh(devices, BATCH_AXIS, batch_size, "batch_size", "draws of the batch")
+
+
+def particle_mesh(devices: Devices, num_particles: int) -> Mesh | None:
+    """The mesh of :class:`emdppl.SVI`'s ELBO particles: :func:`device_mesh` with the axis
+    ``"particle"``; ``num_particles`` (draws of the guide per ELBO estimate) must be a multiple
+    of the number of devices."""
+    return device_mesh(devices, PARTICLE_AXIS, num_particles, "num_particles", "ELBO particles")
 
 
 def device_mesh(devices: Devices, axis: str, size: int, name: str, what: str) -> Mesh | None:

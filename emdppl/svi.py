@@ -44,6 +44,7 @@ the minibatch log likelihood by ``N / 100`` (the minibatch estimator of AEVB). S
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import functools
 import math
@@ -57,6 +58,7 @@ import numpy as np
 import numpyro
 import optax
 from jax.flatten_util import ravel_pytree
+from jax.sharding import Mesh
 from numpyro import handlers
 from numpyro.infer import SVI as NumPyroSVI
 from numpyro.infer import RenyiELBO, Trace_ELBO, TraceMeanField_ELBO
@@ -82,6 +84,17 @@ from emdppl.diagnostics import check_guide_scales, check_svi_loss, warn
 from emdppl.driver import run
 from emdppl.inference_data import to_arviz
 from emdppl.reparam import auxiliary as make_auxiliary
+from emdppl.sharding import (
+    PARTICLE_AXIS,
+    Devices,
+    constrain_leading,
+    constrain_replicated,
+    describe,
+    device_mesh,
+    particle_mesh,
+    replicate,
+    shard_chains,
+)
 from emdppl.target import check_model_arguments
 from emdppl.timing import stopwatch
 
@@ -161,6 +174,18 @@ class SVIState(NamedTuple):
 
 
 @dataclasses.dataclass(frozen=True)
+class _ParticleMap:
+    """NumPyro's ``ELBO.vectorize_particles_fn``: ``vmap`` over the particles' keys, which are
+    split over ``mesh`` (``"particle"`` axis), so each device draws and scores its share of the
+    particles and their mean (the ELBO, and its gradient) is an all-reduce."""
+
+    mesh: Mesh
+
+    def __call__(self, fn: Callable, keys: jax.Array) -> Any:
+        return jax.vmap(fn)(constrain_leading(keys, self.mesh))
+
+
+@dataclasses.dataclass(frozen=True)
 class _Setup:
     """What decides the compiled code of a fit: the user's model, its form, guide, optimiser and
     loss. Hashable and compared by value, so two fits of the same setup share compiled code
@@ -174,6 +199,7 @@ class _Setup:
     optimizer: optax.GradientTransformation
     loss: str | Any
     num_particles: int
+    mesh: Mesh | None = None
 
     def fitted_model(self) -> Callable:
         return make_auxiliary(self.model) if self.auxiliary else self.model
@@ -187,6 +213,9 @@ class _Setup:
         model = self.fitted_model()
         guide = self.new_guide(model)
         loss = LOSSES[self.loss](self.num_particles) if isinstance(self.loss, str) else self.loss
+        if self.mesh is not None:  # the particles over the mesh, through NumPyro's own hook
+            loss = copy.copy(loss)
+            loss.vectorize_particles_fn = _ParticleMap(self.mesh)
         return model, guide, NumPyroSVI(model, guide, optax_to_numpyro(self.optimizer), loss)
 
     def initialised(self, rng_key: PRNGKey, model_args: tuple, model_kwargs: dict) -> NumPyroSVI:
@@ -237,7 +266,7 @@ class _SVIStep(eqx.Module):
             return state._replace(step=state.step + 1), jnp.asarray(jnp.nan, jnp.float32)
 
         state, loss = jax.lax.cond(state.failed_step >= 0, frozen, update, state)
-        return state, {"loss": loss}
+        return constrain_replicated(state, self.setup.mesh), {"loss": loss}
 
 
 class _SVIInit(eqx.Module):
@@ -260,12 +289,13 @@ class _SVIInit(eqx.Module):
         model, guide, svi = self.setup.build()
         _check_guide(model, guide, self.model_args, self.model_kwargs, check_key)
         svi_state = svi.init(init_key, *self.model_args, init_params=position, **self.model_kwargs)
-        return SVIState(
+        state = SVIState(
             svi_state.optim_state,
             svi_state.mutable_state,
             jnp.zeros((), jnp.int32),
             -jnp.ones((), jnp.int32),
         )
+        return constrain_replicated(state, self.setup.mesh)
 
 
 def svi_algorithm(
@@ -277,6 +307,7 @@ def svi_algorithm(
     model_args: tuple = (),
     model_kwargs: dict | None = None,
     auxiliary: bool = False,
+    devices: Devices = None,
 ) -> Algorithm:
     r"""The SVI ``Algorithm`` of ``guide`` for ``model``: one optax step on :math:`-\mathcal L`.
 
@@ -288,7 +319,8 @@ def svi_algorithm(
     ``{"loss": -ELBO estimate}`` and skips (and from then on freezes) a step whose loss or
     parameters are not finite, recording it in ``state.failed_step``. The data are traced
     arguments: a second algorithm of the same model, guide, optimiser and loss on data of the
-    same shapes reuses the compiled code.
+    same shapes reuses the compiled code. ``devices`` (as :class:`SVI`'s): the loss's particles
+    split over a ``"particle"`` mesh axis, the data and the state replicated.
 
     Returns
     -------
@@ -302,15 +334,32 @@ def svi_algorithm(
     >>> state = alg.init(None, jax.random.key(0))  # doctest: +SKIP
     >>> state, trace = emdppl.run(1, alg, 1000, state)  # doctest: +SKIP
     """
-    setup = _Setup(model, bool(auxiliary), guide, optimizer, loss, 1)
+    mesh = particle_mesh(devices, _particle_count(loss, 1, devices))
+    setup = _Setup(model, bool(auxiliary), guide, optimizer, loss, 1, mesh)
     return _algorithm(setup, tuple(model_args), dict(model_kwargs or {}))
 
 
 def _algorithm(setup: _Setup, model_args: tuple, model_kwargs: dict) -> Algorithm:
+    """The Algorithm of ``setup``, its data replicated over ``setup.mesh``."""
+    model_args, model_kwargs = replicate((model_args, model_kwargs), setup.mesh)
     return Algorithm(
         init=_SVIInit(setup, model_args, model_kwargs),
         step=_SVIStep(setup, model_args, model_kwargs),
     )
+
+
+def _particle_count(loss: str | Any, num_particles: int, devices: Devices) -> int:
+    """The number of particles of ``loss`` (a name: ``num_particles``); with ``devices``, a
+    NumPyro ELBO (its particles are split through ``vectorize_particles_fn``) is required."""
+    if isinstance(loss, str):
+        return num_particles
+    if devices is not None and not hasattr(loss, "vectorize_particles_fn"):
+        raise TypeError(
+            f"devices= splits the ELBO's particles over devices through NumPyro's "
+            f"ELBO.vectorize_particles_fn, which {type(loss).__name__} does not have; use a "
+            "numpyro.infer ELBO (Trace_ELBO, TraceMeanField_ELBO, RenyiELBO, ...)."
+        )
+    return int(getattr(loss, "num_particles", 1))
 
 
 @eqx.filter_jit
@@ -487,7 +536,11 @@ class SVIResult(NamedTuple):
         ``(num_samples, ...)``.
         """
         keys = jax.random.split(as_key(rng_key), num_samples)
-        return _push_forward(self.setup, self.params, self.model_args, self.model_kwargs, keys)
+        mesh = self.setup.mesh
+        if mesh is not None:
+            device_mesh(mesh, PARTICLE_AXIS, num_samples, "num_samples", "posterior draws")
+        keys, params = shard_chains(keys, mesh), replicate(self.params, mesh)
+        return _push_forward(self.setup, params, self.model_args, self.model_kwargs, keys)
 
 
 @eqx.filter_jit
@@ -569,6 +622,16 @@ class SVI:
     checkpoint_dir
         Where :func:`emdppl.run` checkpoints the optimiser state after every chunk and resumes
         from.
+    devices
+        Where the particles run (:func:`emdppl.sharding.particle_mesh`): ``None`` (the default
+        device), ``"all"``, an int (the first ``n`` of ``jax.devices()``), a list of devices or
+        a one-axis ``jax.sharding.Mesh``. Each ELBO estimate's ``num_particles`` draws of the
+        guide, and the ``num_samples`` posterior draws, are split evenly over a
+        ``"particle"`` mesh axis (both must be multiples of the number of devices); the data,
+        parameters and optimiser state are replicated and the gradient is all-reduced. The
+        result is that of one device up to floating-point summation order
+        (``attrs["devices"]`` lists the devices). Pays off when a particle is costly (a large
+        model or data set, many particles); a Pyro model runs Pyro's own SVI, which refuses it.
 
     Examples
     --------
@@ -592,6 +655,7 @@ class SVI:
         loss: str | Any = "elbo",
         num_chunks: int = 20,
         checkpoint_dir: str | None = None,
+        devices: Devices = None,
     ) -> None:
         if isinstance(guide, str) and guide not in GUIDES:
             raise ValueError(f"unknown guide {guide!r}; known guides: {sorted(GUIDES)}.")
@@ -632,6 +696,13 @@ class SVI:
         self.num_chunks = int(num_chunks)
         self.checkpoint_dir = checkpoint_dir
         self.optimizer = default_optimizer(self.num_steps) if optimizer is None else optimizer
+        # a bad spec fails here, before any tracing
+        mesh = particle_mesh(devices, _particle_count(loss, self.num_particles, devices))
+        device_mesh(mesh, PARTICLE_AXIS, self.num_samples, "num_samples", "posterior draws")
+        self.devices = devices
+
+    def _mesh(self) -> Mesh | None:
+        return particle_mesh(self.devices, _particle_count(self.loss, self.num_particles, None))
 
     def __repr__(self) -> str:
         guide = (
@@ -697,8 +768,10 @@ class SVI:
         if not callable(model):
             raise TypeError(f"model must be a NumPyro model (a callable), got {type(model)}.")
         check_model_arguments(model, model_args, model_kwargs)
+        mesh = self._mesh()
+        model_args, model_kwargs = replicate((model_args, model_kwargs), mesh)
         setup = _Setup(
-            model, bool(auxiliary), self.guide, self.optimizer, self.loss, self.num_particles
+            model, bool(auxiliary), self.guide, self.optimizer, self.loss, self.num_particles, mesh
         )
         init_key, check_key, run_key = jax.random.split(as_key(rng_key), 3)
         fitted_model = setup.fitted_model()
@@ -760,7 +833,7 @@ class SVI:
             ``final_loss`` (mean of the last 1% of the steps, at least one),
             ``params`` (the fitted constrained parameters, JSON), ``fit_seconds``,
             ``sampling_seconds``, ``wall_seconds``, ``compile_seconds``, library versions,
-            ``warnings`` (:attr:`SVIResult.warnings`).
+            ``warnings`` (:attr:`SVIResult.warnings`), ``devices``.
         """
         if problem.backend == "target":
             raise TypeError(
@@ -800,6 +873,7 @@ class SVI:
             "wall_seconds": watch.wall_seconds,
             "compile_seconds": watch.compile_seconds,
             "warnings": list(result.warnings),
+            "devices": describe(result.setup.mesh),
         }
         return to_arviz(posterior, None, attrs, svi_trace={"loss": result.losses[None]})
 

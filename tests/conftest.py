@@ -2,6 +2,7 @@ import gc
 import json
 import os
 import pathlib
+import subprocess
 import sys
 import threading
 import time
@@ -93,6 +94,27 @@ def device_env():
         return env
 
     return make
+
+
+@pytest.fixture(scope="session")
+def on_devices(device_env):
+    """``on_devices(script, n=4)``: run ``script`` in a fresh interpreter that sees ``n`` CPU
+    devices and return the JSON it prints after ``RESULT`` (the device count is fixed when JAX
+    starts, hence the subprocess)."""
+
+    def run(script: str, num_devices: int = 4) -> dict:
+        proc = subprocess.run(
+            [sys.executable, "-c", script],
+            env=device_env(num_devices),
+            capture_output=True,
+            text=True,
+            timeout=900,
+        )
+        assert proc.returncode == 0, proc.stderr[-4000:]
+        line = next(x for x in proc.stdout.splitlines() if x.startswith("RESULT"))
+        return json.loads(line[len("RESULT") :])
+
+    return run
 
 
 # A line of progress at least every minute (the slowest tests take 2-3 minutes and xdist's dots

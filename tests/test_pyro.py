@@ -267,6 +267,12 @@ def pyro_horseshoe(X, Y):  # noqa: N803 (NumPyro's names)
     pyro.sample("Y", dist.Normal(X @ betas, 1.0 / prec_obs.sqrt()).to_event(1), obs=Y)
 
 
+def test_svi_devices_on_a_pyro_model_are_refused_before_it_runs():
+    svi = emdppl.SVI("auto_normal", num_steps=10, devices=1)
+    with pytest.raises(ValueError, match="Pyro's own SVI"):
+        emdppl.infer(pyro_eight_schools, svi, model_kwargs=DATA, progress_bar=False)
+
+
 def test_svi_guide_collapse_on_a_pyro_model_warns():
     """The guide-scale check of emdppl.SVI on Pyro's own AutoNormal: the mean field squeezed on
     the horseshoe's ridge (tau * lambda_j * beta_j fixed by the data for the active features)

@@ -4,9 +4,6 @@ collectives in the compiled sampling step, and the same draws as on one device."
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
 import textwrap
 
 import numpy as np
@@ -75,14 +72,8 @@ SCRIPT = textwrap.dedent(
 
 
 @pytest.fixture(scope="module")
-def result(device_env):
-    env = device_env(4)
-    proc = subprocess.run(
-        [sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True, timeout=900
-    )
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    line = next(x for x in proc.stdout.splitlines() if x.startswith("RESULT"))
-    return json.loads(line[len("RESULT") :])
+def result(on_devices):
+    return on_devices(SCRIPT)
 
 
 def test_chains_are_split_over_the_chain_axis(result):

@@ -5,9 +5,6 @@ as on one device."""
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
 import textwrap
 
 import numpy as np
@@ -145,28 +142,19 @@ POSTERIOR = PRELUDE + textwrap.dedent(
 )
 
 
-def _run(script: str, env: dict) -> dict:
-    proc = subprocess.run(
-        [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=900
-    )
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    line = next(x for x in proc.stdout.splitlines() if x.startswith("RESULT"))
-    return json.loads(line[len("RESULT") :])
+@pytest.fixture(scope="module")
+def generator_run(on_devices):
+    return on_devices(GENERATOR)
 
 
 @pytest.fixture(scope="module")
-def generator_run(device_env):
-    return _run(GENERATOR, device_env(4))
+def student_run(on_devices):
+    return on_devices(STUDENT)
 
 
 @pytest.fixture(scope="module")
-def student_run(device_env):
-    return _run(STUDENT, device_env(4))
-
-
-@pytest.fixture(scope="module")
-def posterior(device_env):
-    return _run(POSTERIOR, device_env(4))
+def posterior(on_devices):
+    return on_devices(POSTERIOR)
 
 
 def test_distill_on_four_devices_matches_one_device(generator_run):

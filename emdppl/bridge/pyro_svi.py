@@ -139,6 +139,7 @@ def pyro_svi_infer(
     (:func:`emdppl.diagnostics.check_svi_loss`; also in ``attrs["warnings"]``), and so does a
     guide sd collapsed below the Laplace sd (:func:`emdppl.diagnostics.check_guide_scales`, as
     for :class:`emdppl.SVI`; the ratios from the guide's draws, see :func:`_scale_ratios`).
+    ``config.devices`` must be ``None`` (``ValueError``): Pyro's SVI runs in torch on the host.
 
     Examples
     --------
@@ -150,6 +151,12 @@ def pyro_svi_infer(
     if not isinstance(config.guide, str) or config.guide not in _PYRO_GUIDES:
         raise ValueError(
             f"a Pyro model takes a guide name from {sorted(_PYRO_GUIDES)}, got {config.guide!r}."
+        )
+    if getattr(config, "devices", None) is not None:
+        raise ValueError(
+            "emdppl.SVI(devices=...) splits a NumPyro model's ELBO particles over devices; a "
+            "Pyro model runs Pyro's own SVI in this process's torch and cannot use them. Drop "
+            "devices= (or write the model in NumPyro)."
         )
     target = target_from_pyro(
         model,
