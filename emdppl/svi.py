@@ -537,8 +537,7 @@ class SVIResult(NamedTuple):
         """
         keys = jax.random.split(as_key(rng_key), num_samples)
         mesh = self.setup.mesh
-        if mesh is not None:
-            device_mesh(mesh, PARTICLE_AXIS, num_samples, "num_samples", "posterior draws")
+        device_mesh(mesh, PARTICLE_AXIS, num_samples, "num_samples", "posterior draws")
         keys, params = shard_chains(keys, mesh), replicate(self.params, mesh)
         return _push_forward(self.setup, params, self.model_args, self.model_kwargs, keys)
 
