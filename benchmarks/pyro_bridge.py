@@ -1,4 +1,8 @@
-"""The torch bridge on eight schools: per-call cost and NUTS ESS per second.
+"""The torch bridge on eight schools and German credit: per-call cost and NUTS ESS per second.
+
+Two models, each a Pyro model with its NumPyro twin: eight schools (10 parameters, a funnel in
+centered form) and Inference Gym's German credit logistic regression (25 weights, N = 1000,
+``benchmarks.models.german_credit``), the regression the bridge was not developed on.
 
 1. Per call, value and gradient of the auxiliary log density: the Pyro model through
    ``emdppl.bridge.target_from_pyro`` (torch on the host, one ``pure_callback`` round trip for
@@ -8,12 +12,13 @@
    target (the bridge) and on the NumPyro twin, for each ``--num-chains`` (chains vmapped,
    every leapfrog step one round trip for all of them), and Pyro's own ``pyro.infer.NUTS`` on
    the same auxiliary Pyro model, ``--pyro-chains`` chains run one after another (so its ESS
-   per second does not depend on their number). ESS is the minimum bulk ESS over ``mu``,
-   ``tau`` and ``theta``; seconds are wall-clock of the whole run (compilation and the
+   per second does not depend on their number). ESS is the minimum bulk ESS over the model's
+   latent sites; seconds are wall-clock of the whole run (compilation and the
    postprocessing to every site included). Ratios: bridge / Pyro NUTS and bridge / NumPyro at
    the same number of chains.
 
     python benchmarks/pyro_bridge.py            # 4 and 64 chains (Pyro: 2), 500 + 1000
+    python benchmarks/pyro_bridge.py --models german_credit --num-chains 4
     python benchmarks/pyro_bridge.py --smoke    # 4 chains (Pyro: 1), 50 + 50, fewer timing calls
 """
 
@@ -21,7 +26,9 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import NamedTuple
 
 import jax
 import matplotlib
@@ -36,14 +43,13 @@ import pyro.distributions as dist  # noqa: E402
 
 import emdppl  # noqa: E402
 from benchmarks import common  # noqa: E402
+from benchmarks.models import german_credit, load_german_credit  # noqa: E402
 from emdppl.bridge.pyro_model import auxiliary_pyro  # noqa: E402
 from emdppl.bridge.pyro_target import target_from_pyro  # noqa: E402
 from emdppl.models import EIGHT_SCHOOLS, eight_schools  # noqa: E402
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
-
-VAR_NAMES = ("mu", "tau", "theta")
 
 
 def pyro_eight_schools(sigma, y=None):
@@ -53,6 +59,39 @@ def pyro_eight_schools(sigma, y=None):
     with pyro.plate("J", len(sigma)):
         theta = pyro.sample("theta", dist.Normal(mu, tau))
         pyro.sample("y", dist.Normal(theta, sigma), obs=y)
+
+
+def pyro_german_credit(features, labels=None):
+    """The Pyro twin of ``benchmarks.models.german_credit``."""
+    weights = pyro.sample(
+        "weights", dist.Normal(torch.zeros(features.shape[-1]), 1.0).to_event(1)
+    )
+    with pyro.plate("N", features.shape[0]):
+        pyro.sample("labels", dist.Bernoulli(logits=features @ weights), obs=labels)
+
+
+class BridgeModel(NamedTuple):
+    """A Pyro model, its NumPyro twin, their data and the sites whose ESS is reported."""
+
+    pyro_model: Callable
+    numpyro_model: Callable
+    data: dict
+    var_names: tuple[str, ...]
+
+
+def _german_credit_data() -> dict:
+    data = load_german_credit()
+    return {"features": data["features"], "labels": data["labels"].astype(np.float32)}
+
+
+MODELS = {
+    "eight_schools": lambda: BridgeModel(
+        pyro_eight_schools, eight_schools, EIGHT_SCHOOLS, ("mu", "tau", "theta")
+    ),
+    "german_credit": lambda: BridgeModel(
+        pyro_german_credit, german_credit, _german_credit_data(), ("weights",)
+    ),
+}
 
 
 def microseconds_per_call(target: emdppl.Target, num_chains: int, num_calls: int) -> float:
@@ -69,23 +108,23 @@ def microseconds_per_call(target: emdppl.Target, num_chains: int, num_calls: int
     return float(np.median(repeats))
 
 
-def run_emdppl(target: emdppl.Target, settings: dict, seed: int) -> dict:
+def run_emdppl(target: emdppl.Target, settings: dict, seed: int, var_names: tuple) -> dict:
     with common.stopwatch() as watch:
         result = emdppl.MCMC("nuts", target_accept=0.95, **settings).sample(
             seed, target, progress_bar=False
         )
         draws = target.postprocess(result.positions)
-    return {"seconds": watch.wall_seconds, "ess": common.min_ess(draws, VAR_NAMES)[0],
+    return {"seconds": watch.wall_seconds, "ess": common.min_ess(draws, var_names)[0],
             "grad_evals": int(np.sum(result.stats["n_grad_evals"]))}
 
 
-def run_pyro_nuts(settings: dict, num_chains: int, seed: int) -> dict:
+def run_pyro_nuts(bench: BridgeModel, settings: dict, num_chains: int, seed: int) -> dict:
     """Pyro's NUTS on the same auxiliary model (emdppl's reparam strategy), chains in turn."""
     from pyro.infer import MCMC, NUTS
 
-    data = {k: torch.as_tensor(v) for k, v in EIGHT_SCHOOLS.items()}
-    model = auxiliary_pyro(pyro_eight_schools)
-    draws = {k: [] for k in VAR_NAMES}
+    data = {k: torch.as_tensor(v) for k, v in bench.data.items()}
+    model = auxiliary_pyro(bench.pyro_model)
+    draws = {k: [] for k in bench.var_names}
     with common.stopwatch() as watch:
         for chain in range(num_chains):
             pyro.set_rng_seed(seed + chain)
@@ -97,84 +136,71 @@ def run_pyro_nuts(settings: dict, num_chains: int, seed: int) -> dict:
                 disable_progbar=True,
             )
             mcmc.run(**data)
-            trace_draws = _pyro_sites(model, mcmc.get_samples(), data)
-            for k in VAR_NAMES:
+            trace_draws = _pyro_sites(model, mcmc.get_samples(), data, bench.var_names)
+            for k in bench.var_names:
                 draws[k].append(trace_draws[k])
     return {"seconds": watch.wall_seconds,
-            "ess": common.min_ess({k: np.stack(v) for k, v in draws.items()}, VAR_NAMES)[0]}
+            "ess": common.min_ess({k: np.stack(v) for k, v in draws.items()}, bench.var_names)[0]}
 
 
-def _pyro_sites(model, samples: dict, data: dict) -> dict:
-    """Constrained ``mu``, ``tau``, ``theta`` of each draw (deterministic in auxiliary form)."""
+def _pyro_sites(model, samples: dict, data: dict, var_names: tuple) -> dict:
+    """The constrained ``var_names`` of each draw (deterministic in auxiliary form)."""
     from pyro import poutine
 
     num = next(iter(samples.values())).shape[0]
-    out = {k: [] for k in VAR_NAMES}
+    out = {k: [] for k in var_names}
     for i in range(num):
         values = {k: v[i] for k, v in samples.items()}
         trace = poutine.trace(poutine.condition(model, values)).get_trace(**data)
-        for k in VAR_NAMES:
+        for k in var_names:
             out[k].append(trace.nodes[k]["value"].detach().numpy())
     return {k: np.stack(v) for k, v in out.items()}
 
 
 def print_table(results: dict) -> None:
-    print("\nper call, value + gradient (microseconds)")
-    print(f"{'chains':>7} {'bridge (Pyro)':>14} {'native (NumPyro)':>17} {'ratio':>7}")
-    for chains, row in results["per_call_us"].items():
-        ratio = row["bridge"] / row["native"]
-        print(f"{chains:>7} {row['bridge']:>14.1f} {row['native']:>17.1f} {ratio:>7.1f}")
-    print("\nNUTS on eight schools (auxiliary form)")
-    print(f"{'method':<40} {'seconds':>9} {'min ESS':>9} {'ESS/s':>9}")
-    for name, row in results["nuts"].items():
-        print(f"{name:<40} {row['seconds']:>9.1f} {row['ess']:>9.0f} {row['ess_per_s']:>9.2f}")
-    print(f"\n{'chains':>7} {'bridge / Pyro NUTS':>19} {'bridge / NumPyro':>17}")
-    for chains, row in results["ratios"].items():
-        print(f"{chains:>7} {row['bridge_over_pyro_nuts']:>19.2f} "
-              f"{row['bridge_over_numpyro']:>17.3f}")
+    for name, model in results["models"].items():
+        print(f"\n{name}: per call, value + gradient (microseconds)")
+        print(f"{'chains':>7} {'bridge (Pyro)':>14} {'native (NumPyro)':>17} {'ratio':>7}")
+        for chains, row in model["per_call_us"].items():
+            ratio = row["bridge"] / row["native"]
+            print(f"{chains:>7} {row['bridge']:>14.1f} {row['native']:>17.1f} {ratio:>7.1f}")
+        print(f"\n{name}: NUTS (auxiliary form)")
+        print(f"{'method':<40} {'seconds':>9} {'min ESS':>9} {'ESS/s':>9}")
+        for method, row in model["nuts"].items():
+            print(f"{method:<40} {row['seconds']:>9.1f} {row['ess']:>9.0f} "
+                  f"{row['ess_per_s']:>9.2f}")
+        print(f"\n{'chains':>7} {'bridge / Pyro NUTS':>19} {'bridge / NumPyro':>17}")
+        for chains, row in model["ratios"].items():
+            print(f"{chains:>7} {row['bridge_over_pyro_nuts']:>19.2f} "
+                  f"{row['bridge_over_numpyro']:>17.3f}")
 
 
 def plot(results: dict, path: Path) -> None:
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
-    chains = list(results["per_call_us"])
-    for offset, key in ((-0.2, "bridge"), (0.2, "native")):
-        axes[0].bar(np.arange(len(chains)) + offset, [results["per_call_us"][c][key]
-                    for c in chains], 0.4, label=key)
-    axes[0].set(xticks=range(len(chains)), xticklabels=[f"{c} chain(s)" for c in chains],
-                ylabel="microseconds per value+grad", yscale="log")
-    axes[0].legend()
-    names = list(results["nuts"])
-    axes[1].barh(names, [results["nuts"][n]["ess_per_s"] for n in names])
-    axes[1].set(xlabel="min bulk ESS per second", xscale="log")
+    models = results["models"]
+    fig, axes = plt.subplots(len(models), 2, figsize=(10, 3.5 * len(models)), squeeze=False)
+    for (name, model), (left, right) in zip(models.items(), axes, strict=True):
+        chains = list(model["per_call_us"])
+        for offset, key in ((-0.2, "bridge"), (0.2, "native")):
+            left.bar(np.arange(len(chains)) + offset, [model["per_call_us"][c][key]
+                     for c in chains], 0.4, label=key)
+        left.set(xticks=range(len(chains)), xticklabels=[f"{c} chain(s)" for c in chains],
+                 ylabel="microseconds per value+grad", yscale="log", title=name)
+        left.legend()
+        methods = list(model["nuts"])
+        right.barh(methods, [model["nuts"][m]["ess_per_s"] for m in methods])
+        right.set(xlabel="min bulk ESS per second", xscale="log", title=name)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
 
-def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--num-chains", type=int, nargs="+", default=[4, 64])
-    parser.add_argument("--pyro-chains", type=int, default=2)
-    parser.add_argument("--num-warmup", type=int, default=500)
-    parser.add_argument("--num-samples", type=int, default=1000)
-    parser.add_argument("--num-calls", type=int, default=200)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", type=Path, default=common.RESULTS_DIR)
-    parser.add_argument("--smoke", action="store_true", help="50 + 50 draws, 10 timing calls")
-    args = parser.parse_args(argv)
-    if args.smoke:
-        args.num_chains, args.pyro_chains = [4], 1
-        args.num_warmup, args.num_samples, args.num_calls = 50, 50, 10
-    torch.set_num_threads(1)
-    settings = {"num_warmup": args.num_warmup, "num_samples": args.num_samples}
+def run_model(bench: BridgeModel, args: argparse.Namespace, settings: dict) -> dict:
+    """Per-call costs, then NUTS: Pyro's own, and emdppl on the bridge and on the twin."""
     call_chains = (1, 4, 16, 64)
     most = max(*args.num_chains, *call_chains)
-
-    pyro_target = target_from_pyro(
-        pyro_eight_schools, model_kwargs=EIGHT_SCHOOLS, num_chains=most
-    )
+    pyro_target = target_from_pyro(bench.pyro_model, model_kwargs=bench.data, num_chains=most)
     native_target = emdppl.Target.from_numpyro(
-        eight_schools, model_kwargs=EIGHT_SCHOOLS, num_chains=most
+        bench.numpyro_model, model_kwargs=bench.data, num_chains=most
     )
     per_call = {
         chains: {
@@ -189,32 +215,56 @@ def main(argv: list[str] | None = None) -> dict:
             jax.tree.map(lambda x: x[:num_chains], target.initial_position)
         )
 
-    nuts, ratios = {}, {}
     pyro_row = f"Pyro NUTS, {args.pyro_chains} chain(s) in turn"
-    nuts[pyro_row] = run_pyro_nuts(settings, args.pyro_chains, args.seed)
+    nuts = {pyro_row: run_pyro_nuts(bench, settings, args.pyro_chains, args.seed)}
     for chains in args.num_chains:
-        bridge_row = f"emdppl NUTS, Pyro bridge, {chains} chains"
-        native_row = f"emdppl NUTS, NumPyro, {chains} chains"
-        nuts[bridge_row] = run_emdppl(chains_of(pyro_target, chains), settings, args.seed)
-        nuts[native_row] = run_emdppl(chains_of(native_target, chains), settings, args.seed)
+        for label, target in (("Pyro bridge", pyro_target), ("NumPyro", native_target)):
+            nuts[f"emdppl NUTS, {label}, {chains} chains"] = run_emdppl(
+                chains_of(target, chains), settings, args.seed, bench.var_names
+            )
     for row in nuts.values():
         row["ess_per_s"] = row["ess"] / row["seconds"]
+    ratios = {}
     for chains in args.num_chains:
         bridge = nuts[f"emdppl NUTS, Pyro bridge, {chains} chains"]["ess_per_s"]
+        native = nuts[f"emdppl NUTS, NumPyro, {chains} chains"]["ess_per_s"]
         ratios[chains] = {
             "bridge_over_pyro_nuts": bridge / nuts[pyro_row]["ess_per_s"],
-            "bridge_over_numpyro": bridge / nuts[f"emdppl NUTS, NumPyro, {chains} chains"][
-                "ess_per_s"
-            ],
+            "bridge_over_numpyro": bridge / native,
         }
+    host = pyro_target.logdensity_fn.host
+    return {
+        "per_call_us": per_call,
+        "nuts": nuts,
+        "ratios": ratios,
+        "batching": host.batching,
+        "traced_batch_sizes": sorted(k for k, v in host.traced.items() if v is not None),
+        "postprocess_batching": pyro_target.postprocess_fn.host.batching,
+    }
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", nargs="+", choices=sorted(MODELS), default=sorted(MODELS))
+    parser.add_argument("--num-chains", type=int, nargs="+", default=[4, 64])
+    parser.add_argument("--pyro-chains", type=int, default=2)
+    parser.add_argument("--num-warmup", type=int, default=500)
+    parser.add_argument("--num-samples", type=int, default=1000)
+    parser.add_argument("--num-calls", type=int, default=200)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", type=Path, default=common.RESULTS_DIR)
+    parser.add_argument("--smoke", action="store_true", help="50 + 50 draws, 10 timing calls")
+    args = parser.parse_args(argv)
+    if args.smoke:
+        args.num_chains, args.pyro_chains = [4], 1
+        args.num_warmup, args.num_samples, args.num_calls = 50, 50, 10
+    torch.set_num_threads(1)
+    settings = {"num_warmup": args.num_warmup, "num_samples": args.num_samples}
+    models = {name: run_model(MODELS[name](), args, settings) for name in args.models}
     results = common.make_report(
-        {**settings, "num_chains": args.num_chains, "pyro_chains": args.pyro_chains,
-         "num_calls": args.num_calls, "smoke": args.smoke,
-         "batching": pyro_target.logdensity_fn.host.batching,
-         "postprocess_batching": pyro_target.postprocess_fn.host.batching},
-        per_call_us=per_call,
-        nuts=nuts,
-        ratios=ratios,
+        {**settings, "models": args.models, "num_chains": args.num_chains,
+         "pyro_chains": args.pyro_chains, "num_calls": args.num_calls, "smoke": args.smoke},
+        models=models,
     )
     results["machine"].update(torch_version=torch.__version__, pyro_version=pyro.__version__)
     print_table(results)

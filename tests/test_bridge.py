@@ -44,18 +44,55 @@ def test_logdensity_value_grad_one_round_trip_per_batch(batching):
     value_and_grad_calls = _count_calls(logdensity.host, "value_and_grad")
     value_calls = _count_calls(logdensity.host, "value")
     x = {"a": jax.random.normal(jax.random.key(0), (4, 2)), "b": jnp.arange(4.0)}
-    values, grads = jax.jit(jax.vmap(jax.value_and_grad(logdensity)))(x)
+    batched = jax.jit(jax.vmap(jax.value_and_grad(logdensity)))
+    values, grads = batched(x)
     # one callback for the 4 chains, value and gradient together; no value-only call
     assert value_and_grad_calls == [(4, 3)] and value_calls == []
+    # on CPU a buffer callback (XLA's buffers as numpy views), not pure_callback's copies
+    lowered = batched.lower(x).as_text()
+    assert "xla_buffer_python_cpu_callback" in lowered
+    assert "xla_ffi_python_cpu_callback" not in lowered  # what pure_callback lowers to
     flat = jnp.concatenate([x["a"], x["b"][:, None]], axis=1)  # ravel order: a, b
     var = jnp.arange(1.0, 4.0)
     np.testing.assert_allclose(values, -0.5 * jnp.sum((flat - 1) ** 2 / var, -1), rtol=1e-6)
     np.testing.assert_allclose(grads["a"], -((flat - 1) / var)[:, :2], rtol=1e-6)
     np.testing.assert_allclose(grads["b"], -((flat - 1) / var)[:, 2], rtol=1e-6)
     assert values.dtype == jnp.float32
+    if batching == "vmap":  # the batch of 4 ran through the traced graph, built on that batch
+        assert logdensity.host.traced[4] is not None
     # a plain call evaluates the value only
     np.testing.assert_allclose(logdensity({"a": flat[0, :2], "b": flat[0, 2]}), values[0])
     assert value_calls == [(3,)]
+
+
+def test_traced_batch_graph_equals_vmap_and_steps_aside_when_it_would_freeze_state():
+    """The traced graph of a batch size reproduces torch.func.vmap on new batches of that size;
+    a function whose value depends on Python state (a counter the trace would bake in) fails the
+    agreement check on its first batch, and keeps being evaluated by vmap, state and all."""
+    example = jnp.zeros(3)
+    logdensity = bridge.torch_logdensity(_gaussian_logdensity, example)
+    host = logdensity.host
+    first, later = (np.random.default_rng(i).normal(size=(5, 3)) for i in (0, 1))
+    host.value_and_grad(first)
+    assert host.traced[5] is not None
+    traced = host.value_and_grad(later)
+    reference = torch.func.vmap(torch.func.grad_and_value(_gaussian_logdensity))(
+        torch.as_tensor(later)
+    )
+    np.testing.assert_allclose(traced[0], reference[1].numpy(), rtol=1e-12)
+    np.testing.assert_allclose(traced[1], reference[0].numpy(), rtol=1e-12)
+
+    calls = []
+
+    def stateful(x):
+        calls.append(None)
+        return _gaussian_logdensity(x) * len(calls)
+
+    host = bridge.torch_logdensity(stateful, example).host
+    values, _ = host.value_and_grad(first)
+    assert host.traced[5] is None  # the frozen counter disagreed with the live one
+    values_again, _ = host.value_and_grad(first)
+    np.testing.assert_allclose(values_again / values, (len(calls)) / (len(calls) - 1))
 
 
 def test_logdensity_rejects_bad_arguments():

@@ -3,7 +3,7 @@
 Modules
 -------
 callback
-    The ``pure_callback`` / ``custom_vjp`` bridge and the torch log density
+    The host-callback / ``custom_vjp`` bridge and the torch log density
     (:func:`torch_logdensity`, :func:`require_torch`, :func:`check_devices`, ``INSTALL_HINT``).
 torch_teacher
     Torch denoisers and noise predictors as teachers (:func:`from_torch`, :class:`TorchTeacher`).

@@ -1,10 +1,11 @@
 r"""The torch-to-JAX callback bridge: a torch log density evaluated from jitted, vmapped JAX code.
 
 This module holds :func:`torch_logdensity` (and its :class:`TorchLogDensity`), the host side
-that runs torch, and the helpers the other bridge modules share: :func:`require_torch` and
-:func:`check_devices`.
+that runs torch, and the helpers the other bridge modules share: :func:`host_callback`,
+:func:`require_torch`, :func:`check_devices` and :func:`agree`.
 
-One mechanism carries everything: :func:`jax.pure_callback` inside :func:`jax.custom_vjp`.
+One mechanism carries everything: a host callback (:func:`host_callback`) inside
+:func:`jax.custom_vjp`.
 
 - A **log density** :math:`\log p(x)`, :math:`x \in \mathbb{R}^d`, becomes a JAX function whose
   forward pass of a gradient (``jax.value_and_grad``, what every gradient-based sampler calls)
@@ -15,6 +16,11 @@ One mechanism carries everything: :func:`jax.pure_callback` inside :func:`jax.cu
   callback receives the whole batch, shape ``(..., d)``, once per step, and torch evaluates it
   with ``torch.func.vmap`` (``batching="vmap"``) or a Python loop with a single backward pass
   (``batching="loop"``, for functions ``torch.func`` cannot transform).
+- :func:`host_callback` calls the host on CPU through ``jax.experimental.buffer_callback``
+  (XLA's buffers read as numpy views, results written into the output buffers in place) and
+  elsewhere through :func:`jax.pure_callback` (which copies every argument to a host
+  ``jax.Array`` first, the larger part of a call's fixed cost on CPU), chosen for the platform
+  the program is lowered for (:func:`jax.lax.platform_dependent`).
 - Torch computes in ``dtype`` (float64 by default, so float32 JAX inputs lose nothing) on
   ``device``; results come back in the JAX input's dtype.
 
@@ -33,20 +39,24 @@ from typing import Any
 import equinox as eqx
 import jax
 import numpy as np
+from jax.experimental.buffer_callback import buffer_callback
 from jax.flatten_util import ravel_pytree
 
 from emdppl.base import PyTree
 
 __all__ = [
     "INSTALL_HINT",
+    "agree",
     "TorchLogDensity",
     "check_devices",
+    "host_callback",
     "require_torch",
     "torch_logdensity",
 ]
 
 INSTALL_HINT = "pip install 'emdppl[pyro]'"
 BATCHINGS = ("vmap", "loop")
+_MAX_TRACED_SIZES = 8
 
 
 def require_torch(what: str) -> Any:
@@ -76,6 +86,71 @@ def check_devices(tensors: Mapping[str, Any]) -> Any:
     return distinct.pop() if distinct else torch.device("cpu")
 
 
+def host_callback(
+    host_fn: Callable, result_shape_dtypes: PyTree, *args: jax.Array, vmap_method: str
+) -> PyTree:
+    """``host_fn(*args)``, numpy arrays in and out, called from traced JAX code.
+
+    On a CPU the call is a ``buffer_callback``: ``host_fn`` reads XLA's input buffers as numpy
+    views and its results are copied into the output buffers. On other platforms it is a
+    :func:`jax.pure_callback`. Both batch under ``jax.vmap`` by ``vmap_method`` (see
+    :func:`jax.pure_callback`).
+
+    Parameters
+    ----------
+    host_fn
+        Pure host function; its results must match ``result_shape_dtypes`` in structure, shape
+        and dtype (as for :func:`jax.pure_callback`).
+    result_shape_dtypes
+        Pytree of ``jax.ShapeDtypeStruct``.
+    *args
+        Arrays passed to ``host_fn`` as numpy arrays (valid during the call only).
+    vmap_method
+        ``"expand_dims"``, ``"broadcast_all"``, ... as for :func:`jax.pure_callback`.
+    """
+
+    def write(ctx, out, *buffers):
+        del ctx
+        results = host_fn(*(np.asarray(b) for b in buffers))
+        for buffer, value in zip(jax.tree.leaves(out), jax.tree.leaves(results), strict=True):
+            np.asarray(buffer)[...] = value
+
+    def on_cpu(*xs):
+        return buffer_callback(write, result_shape_dtypes, vmap_method=vmap_method)(*xs)
+
+    def elsewhere(*xs):
+        return jax.pure_callback(host_fn, result_shape_dtypes, *xs, vmap_method=vmap_method)
+
+    return jax.lax.platform_dependent(*args, cpu=on_cpu, default=elsewhere)
+
+
+def agree(a: tuple, b: tuple) -> bool:
+    """Whether two tuples of torch tensors agree to a float sum's rounding (rtol 1e-7 in
+    float64, 1e-5 otherwise; NaN equal to NaN)."""
+    import torch
+
+    rtol = 1e-7 if a[0].dtype == torch.float64 else 1e-5
+    pairs = zip(a, b, strict=True)
+    return all(torch.allclose(x, y, rtol=rtol, atol=rtol / 100, equal_nan=True) for x, y in pairs)
+
+
+def _trace_batched(vmapped: Callable, batch: Any) -> Callable | None:
+    """``vmapped`` (a ``torch.func.vmap``-ed ``grad_and_value``) as a TorchScript graph for
+    batches of ``batch``'s shape, or ``None`` where it cannot be traced or does not agree."""
+    import torch
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    try:
+        graph = make_fx(vmapped)(batch)
+        graph.graph.eliminate_dead_code()
+        graph.recompile()
+        with torch.no_grad():
+            traced = torch.jit.freeze(torch.jit.trace(graph, batch, check_trace=False).eval())
+            return traced if agree(tuple(traced(batch)), tuple(vmapped(batch))) else None
+    except Exception:  # noqa: BLE001 - what cannot be traced runs through torch.func.vmap
+        return None
+
+
 def _as_numpy(tensor: Any, dtype: Any, shape: tuple[int, ...]) -> np.ndarray:
     """A torch tensor as a numpy array of ``dtype`` and ``shape``; a float64 value beyond
     float32's range becomes an infinity (a divergence to the sampler) without a warning."""
@@ -92,6 +167,22 @@ class _HostLogDensity:
         self.device = device
         self.dtype = dtype
         self.batching = batching
+        self.traced: dict[int, Callable | None] = {}
+
+    def _vmapped(self, batch: Any) -> tuple[Any, Any]:
+        """``(grads, values)`` of the batch ``(B, d)``: the traced graph for ``B`` (built on the
+        first batch of that size) or ``torch.func.vmap``."""
+        torch = require_torch("the torch bridge")
+        traced = self.traced.get(batch.shape[0])
+        if traced is not None:
+            with torch.no_grad():
+                return traced(batch)
+        vmapped = torch.func.vmap(torch.func.grad_and_value(self.fn))
+        if batch.shape[0] not in self.traced:
+            if len(self.traced) == _MAX_TRACED_SIZES:
+                self.traced.pop(next(iter(self.traced)))
+            self.traced[batch.shape[0]] = _trace_batched(vmapped, batch)
+        return vmapped(batch)
 
     def _to_torch(self, x: np.ndarray) -> Any:
         torch = require_torch("the torch bridge")
@@ -110,8 +201,8 @@ class _HostLogDensity:
         """``(log p, grad log p)`` of every row of ``x``: shapes ``(...)`` and ``(..., d)``."""
         torch = require_torch("the torch bridge")
         batch = self._to_torch(x)
-        if self.batching == "vmap" and batch.shape[0] > 1:
-            grads, values = torch.func.vmap(torch.func.grad_and_value(self.fn))(batch)
+        if self.batching == "vmap":
+            grads, values = self._vmapped(batch)
         else:
             batch.requires_grad_(True)
             values = torch.stack([self.fn(row).reshape(()) for row in batch])
@@ -124,13 +215,12 @@ def _flat_logdensity(host: _HostLogDensity) -> Callable:
 
     @jax.custom_vjp
     def f(x):
-        return jax.pure_callback(
-            host.value, jax.ShapeDtypeStruct((), x.dtype), x, vmap_method="expand_dims"
-        )
+        shape = jax.ShapeDtypeStruct((), x.dtype)
+        return host_callback(host.value, shape, x, vmap_method="expand_dims")
 
     def f_fwd(x):
         shapes = (jax.ShapeDtypeStruct((), x.dtype), jax.ShapeDtypeStruct(x.shape, x.dtype))
-        value, grad = jax.pure_callback(host.value_and_grad, shapes, x, vmap_method="expand_dims")
+        value, grad = host_callback(host.value_and_grad, shapes, x, vmap_method="expand_dims")
         return value, grad
 
     def f_bwd(grad, cotangent):

@@ -31,7 +31,9 @@ from emdppl.base import PRNGKey, as_key
 from emdppl.bridge.callback import (
     TorchLogDensity,
     _as_numpy,
+    agree,
     check_devices,
+    host_callback,
     torch_logdensity,
 )
 from emdppl.bridge.pyro_model import (
@@ -161,15 +163,15 @@ class _HostPostprocess:
 class PyroPostprocess(eqx.Module):
     """Unconstrained position ``{site: array}`` to every model site on its constrained scale:
     the auxiliary latents, the original latents (deterministic in auxiliary form, centered
-    names) and the ``pyro.deterministic`` sites. Evaluated by torch through ``pure_callback``
-    (no gradient)."""
+    names) and the ``pyro.deterministic`` sites. Evaluated by torch through
+    :func:`~emdppl.bridge.callback.host_callback` (no gradient)."""
 
     host: _HostPostprocess = eqx.field(static=True)
 
     def __call__(self, position: dict) -> dict:
         flat, _ = ravel_pytree(position)
         shapes = {k: jax.ShapeDtypeStruct(s, flat.dtype) for k, s in self.host.outputs.items()}
-        return jax.pure_callback(self.host, shapes, flat, vmap_method="expand_dims")
+        return host_callback(self.host, shapes, flat, vmap_method="expand_dims")
 
 
 def _check_points(dim: int, dtype: Any) -> Any:
@@ -187,19 +189,11 @@ def _value_and_grad_loop(potential: Callable, points: Any) -> tuple[Any, Any]:
     return values.detach(), grads
 
 
-def _agree(a: tuple, b: tuple) -> bool:
-    import torch
-
-    pairs = zip(a, b, strict=True)
-    rtol = 1e-7 if a[0].dtype == torch.float64 else 1e-5  # a float32 sum's rounding
-    return all(torch.allclose(x, y, rtol=rtol, atol=rtol / 100, equal_nan=True) for x, y in pairs)
-
-
 def _vmap_agrees(vmapped: Callable, points: Any, reference: tuple) -> bool:
     """Whether ``vmapped(points)`` runs and agrees with ``reference`` (the loop's result); a
     model torch.func cannot transform (Python control flow on latent values) does not."""
     try:
-        return _agree(tuple(vmapped(points)), reference)
+        return agree(tuple(vmapped(points)), reference)
     except Exception:  # noqa: BLE001 - a model torch.func cannot transform runs in a loop
         return False
 
@@ -207,21 +201,25 @@ def _vmap_agrees(vmapped: Callable, points: Any, reference: tuple) -> bool:
 def _choose_potential(
     plain: _PyroPotential, traced: _PyroPotential, dim: int, dtype: Any
 ) -> tuple:
-    """The fastest evaluation that agrees with Pyro's plain potential at three check points:
-    Pyro's ``torch.jit``-traced potential (``jit_compile=True``) if it agrees (it does not for
-    models whose Python control flow depends on latent values), and ``torch.func.vmap``
-    batching if it runs and agrees, else a loop. Returns ``(potential, batching)``."""
+    """The fastest evaluation that agrees with Pyro's plain potential at three check points.
+
+    The plain potential under ``torch.func.vmap`` if that runs and agrees (the bridge then
+    traces its batched graph once per batch size, see :mod:`emdppl.bridge.callback`); else a
+    loop over Pyro's ``torch.jit``-traced potential (``jit_compile=True``) if it agrees, else
+    over the plain one (models whose Python control flow depends on latent values). Returns
+    ``(potential, batching)``."""
     import torch
 
     points = _check_points(dim, dtype)
     reference = _value_and_grad_loop(plain, points)
+    vmapped = torch.func.vmap(torch.func.grad_and_value(plain))
+    if _vmap_agrees(lambda p: vmapped(p)[::-1], points, reference):  # (values, grads)
+        return plain, "vmap"
     try:
-        potential = traced if _agree(_value_and_grad_loop(traced, points), reference) else plain
+        compiled = agree(_value_and_grad_loop(traced, points), reference)
     except Exception:  # noqa: BLE001 - a model torch.jit cannot trace runs uncompiled
-        potential = plain
-    vmapped = torch.func.vmap(torch.func.grad_and_value(potential))
-    agrees = _vmap_agrees(lambda p: vmapped(p)[::-1], points, reference)  # (values, grads)
-    return potential, "vmap" if agrees else "loop"
+        compiled = False
+    return traced if compiled else plain, "loop"
 
 
 def _initial_positions(

@@ -2,7 +2,8 @@ r"""Torch networks as emdppl teachers: :func:`from_torch` and :class:`TorchTeach
 
 A torch denoiser or noise-prediction network becomes an
 :class:`~emdppl.teachers.AbstractTeacher` on the project's VE schedule (:mod:`emdppl.schedule`):
-its score is evaluated by torch on the host through :func:`jax.pure_callback`, one batch per
+its score is evaluated by torch on the host through
+:func:`~emdppl.bridge.callback.host_callback`, one batch per
 vmapped call, and differentiated in ``x`` by a second round trip (torch autograd). The module
 also holds the host side, ``_HostScore``, and the JAX side, ``_bridged_score``.
 
@@ -20,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from emdppl.bridge.callback import check_devices, require_torch
+from emdppl.bridge.callback import check_devices, host_callback, require_torch
 from emdppl.schedule import SIGMA_MAX, SIGMA_MIN
 from emdppl.teachers import AbstractTeacher
 
@@ -110,11 +111,11 @@ class _HostScore:
 
 
 def _bridged_score(host: _HostScore) -> Callable:
-    """``score(x, sigma)`` through ``pure_callback``, differentiable in ``x`` (not in sigma)."""
+    """``score(x, sigma)`` through ``host_callback``, differentiable in ``x`` (not in sigma)."""
 
     def call(x, sigma):
         sigma = jnp.asarray(sigma, x.dtype)
-        return jax.pure_callback(
+        return host_callback(
             host.score,
             jax.ShapeDtypeStruct(x.shape, x.dtype),
             x,
@@ -131,7 +132,7 @@ def _bridged_score(host: _HostScore) -> Callable:
 
     def score_bwd(residuals, cotangent):
         x, sigma = residuals
-        grad = jax.pure_callback(
+        grad = host_callback(
             host.score_vjp,
             jax.ShapeDtypeStruct(x.shape, x.dtype),
             x,
