@@ -215,8 +215,8 @@ def distill(
         desc=f"distilling ({config.method})",
         checkpoint_dir=checkpoint_dir,
     )
-    _check_stopped(state, config, checkpoint_dir)
     history = {name: np.asarray(value) for name, value in trace._asdict().items()}
+    _check_stopped(state, config, checkpoint_dir, history, teacher)
     _warn_z_drift(history["z_rms"], config.update_z)
     kernel, devices = algorithm.step.kernel, tuple(describe(mesh))
     estep_idata = None
@@ -233,19 +233,88 @@ def distill(
     )
 
 
-def _check_stopped(state: emd.EMDState, config: DistillConfig, checkpoint_dir) -> None:
+def _check_stopped(
+    state: emd.EMDState, config: DistillConfig, checkpoint_dir, history: dict, teacher
+) -> None:
     if int(state.consecutive_skipped) < config.max_consecutive_nan:
         return
     where = f" and in the checkpoint in {checkpoint_dir}" if checkpoint_dir is not None else ""
     raise FloatingPointError(
-        f"distillation stopped: {config.max_consecutive_nan} consecutive steps produced NaN/inf "
-        f"(teacher or student scores, loss or gradients); {int(state.num_skipped)} steps were "
-        f"skipped in all. The last finite parameters are kept in the state{where}. Check the "
-        f"teacher's score on sigma in [{config.sigma_min:.3g}, {config.sigma_max:.3g}] and lower "
-        "the learning rate or estep_step_size. For a posterior (DensityTeacher) with "
-        "smoothing='laplace', the usual cause is sigma_max above sqrt(3) times the posterior's "
-        "smallest scale: use smoothing='none' (emdppl.EMD's default)."
+        f"distillation stopped: {config.max_consecutive_nan} consecutive steps produced NaN/inf; "
+        f"{int(state.num_skipped)} steps were skipped in all. The last finite parameters are "
+        f"kept in the state{where}. {_stop_cause(history, config, teacher)}"
     )
+
+
+def _stop_cause(history: dict, config: DistillConfig, teacher: Any = None) -> str:
+    """What made the last run of skipped steps non-finite, read from ``history``
+    (:class:`~emdppl.emd.EMDInfo` fields, ``(num_steps,)`` each), with the setting to change.
+
+    The first step of that run is classified by the quantity that was not finite there: every
+    E-step chain (the E-step diverged), the student's DSM loss, the M-step loss or gradient, or
+    none of them (the optimiser's update overflowed the parameters)."""
+    skipped = np.asarray(history["is_skipped"], bool)
+    if not skipped.any():
+        return ""
+    first = len(skipped) - int(np.argmin(skipped[::-1])) if not skipped.all() else 0
+    history = {name: np.asarray(value) for name, value in history.items()}
+    row = {name: value[first] for name, value in history.items()}
+    before = {name: value[max(0, first - 10) : first] for name, value in history.items()}
+    at = f"At step {first} (the first of the run)"
+    if row["nonfinite_chains"] < 0:  # resumed from a checkpoint that had already stopped
+        return "The run was resumed from a checkpoint taken after it had stopped."
+    if row["nonfinite_chains"] == config.batch_size:
+        lead = before["nonfinite_chains"]
+        trend = (
+            f"; over the 10 steps before, {int(lead.min())}-{int(lead.max())} chains per step "
+            "were already non-finite"
+            if lead.size and lead.max() > 0
+            else ""
+        )
+        message = (
+            f"{at} every one of the {config.batch_size} E-step chains ended non-finite{trend}: "
+            f"the E-step diverged. Lower estep_step_size (now {config.estep_step_size:g}) or "
+            f"num_estep_steps (now {config.num_estep_steps})"
+        )
+        if config.update_z:
+            message += (
+                f", or z_step_scale / max_z_step (now {config.z_step_scale:g} / "
+                f"{config.max_z_step:g}), or set update_z=False"
+            )
+        if getattr(teacher, "smoothing", None) == "laplace":
+            message += (
+                "; with smoothing='laplace' the usual cause is sigma_max above sqrt(3) times the "
+                "posterior's smallest scale: use smoothing='none' (emdppl.EMD's default)"
+            )
+    elif not np.isfinite(row["student_loss"]):
+        message = (
+            f"{at} the student's denoising loss was {row['student_loss']}: the student diverged. "
+            "Lower the student's learning rate (student_optimizer)"
+        )
+    elif not (np.isfinite(row["loss"]) and np.isfinite(row["grad_norm"])):
+        message = (
+            f"{at} the M-step loss was {row['loss']} and the gradient norm {row['grad_norm']} "
+            f"with {config.batch_size - int(row['nonfinite_chains'])} finite E-step chains: the "
+            "generator's output or its gradient overflows. Lower the learning rate "
+            "(optimizer=, or emdppl.EMD(learning_rate=)) or clip the gradient "
+            "(optax.clip_by_global_norm)"
+        )
+    else:
+        message = (
+            f"{at} the loss ({row['loss']:.4g}) and gradient norm ({row['grad_norm']:.4g}) were "
+            "finite but the updated parameters were not: the optimiser's step overflowed them. "
+            "Lower the learning rate (optimizer=, or emdppl.EMD(learning_rate=))"
+        )
+    norms = before["grad_norm"]
+    early = history["grad_norm"][: max(1, first // 10)]
+    early = early[np.isfinite(early)]
+    if norms.size and early.size and np.nanmax(norms) > 100 * max(np.median(early), 1e-12):
+        message += (
+            f". The generator's gradient norm had grown from {np.median(early):.3g} (median over "
+            f"the first tenth of the steps) to {np.nanmax(norms):.3g} just before: the generator "
+            "moved where the teacher is stiff; a lower learning rate keeps it from getting there"
+        )
+    return message + "."
 
 
 def _warn_z_drift(z_rms: np.ndarray, update_z: bool) -> None:

@@ -303,12 +303,26 @@ def test_nan_chains_are_left_out_and_all_nan_steps_skipped():
 
 
 def test_persistent_nan_stops_with_message_and_keeps_last_good_checkpoint(tmp_path):
-    with pytest.raises(FloatingPointError, match="5 consecutive steps produced NaN"):
+    with pytest.raises(FloatingPointError, match="5 consecutive steps produced NaN") as err:
         _short_run(_counting(nan_above=0.0), 20, max_consecutive_nan=5, checkpoint_dir=tmp_path)
+    # the message names the quantity (every E-step chain) and the E-step's settings
+    assert "every one of the 8 E-step chains ended non-finite" in str(err.value)
+    assert "estep_step_size (now" in str(err.value) and "learning rate" not in str(err.value)
     like = emd.init(_affine(0.4, -0.3), None, emdppl.DistillConfig())
     saved = RUN.load_state(tmp_path, like)
     np.testing.assert_array_equal(saved.theta.loc, np.float32([-0.3]))
     np.testing.assert_array_equal(saved.theta.scale_tril, np.float32([[0.4]]))
+
+
+def test_stop_from_an_overflowing_optimizer_step_names_the_learning_rate():
+    """Finite loss and gradients but an update that overflows the parameters (SGD at a rate of
+    1e39, inf in float32): the message blames the optimiser's step, not the E-step."""
+    with pytest.raises(FloatingPointError) as err:
+        _short_run(_counting(), 10, max_consecutive_nan=3, optimizer=optax.sgd(1e39))
+    message = str(err.value)
+    assert "At step 0 (the first of the run)" in message
+    assert "the updated parameters were not" in message and "Lower the learning rate" in message
+    assert "estep_step_size" not in message
 
 
 def test_checkpoint_resume_gives_the_same_result(tmp_path, monkeypatch):
