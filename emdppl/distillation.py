@@ -48,6 +48,8 @@ GENERATORS = ("sinh_arcsinh", "maf", "affine", "mlp")
 #: ``z_rms`` (last tenth of the run, median) above which the z chains are called unstable
 #: (values on working and failing runs: benchmarks/README.md, "z_rms").
 MAX_Z_RMS = 1.5
+#: Below this median acceptance (last tenth of the run) a Metropolis E-step warns.
+MIN_ESTEP_ACCEPTANCE = 0.1
 
 
 @eqx.filter_jit
@@ -218,6 +220,7 @@ def distill(
     history = {name: np.asarray(value) for name, value in trace._asdict().items()}
     _check_stopped(state, config, checkpoint_dir, history, teacher)
     _warn_z_drift(history["z_rms"], config.update_z)
+    _warn_low_acceptance(history["acceptance_rate"], config)
     kernel, devices = algorithm.step.kernel, tuple(describe(mesh))
     estep_idata = None
     if config.num_probe_draws:
@@ -328,6 +331,24 @@ def _warn_z_drift(z_rms: np.ndarray, update_z: bool) -> None:
         f"over the last tenth of the run; about 1 when they mix): the z step is too large for "
         "this teacher and the generator is trained on latents it never sees when sampling. "
         "Lower z_step_scale / max_z_step (e.g. 10x) or set update_z=False.",
+        RuntimeWarning,
+        stacklevel=caller_stacklevel(),
+    )
+
+
+def _warn_low_acceptance(acceptance: np.ndarray, config: DistillConfig) -> None:
+    """Warn when a Metropolis-adjusted E-step accepted almost nothing over the last tenth of
+    the run (its chains then stay at their exact generator draws and carry no signal)."""
+    tail = acceptance[-max(1, len(acceptance) // 10) :]
+    tail = tail[np.isfinite(tail)]  # NaN for unadjusted kernels
+    if tail.size == 0 or np.median(tail) >= MIN_ESTEP_ACCEPTANCE:
+        return
+    warnings.warn(
+        f"the E-step's {config.estep_sampler!r} chains accepted {np.median(tail):.3g} of their "
+        f"proposals (median over the last tenth of the run; below {MIN_ESTEP_ACCEPTANCE}): they "
+        "barely move from the generator's draws, so the M-step gradient is mostly noise. Lower "
+        f"estep_step_size (now {config.estep_step_size:g}; Metropolis kernels need smaller "
+        "steps as the dimension grows) or use estep_sampler='ula'.",
         RuntimeWarning,
         stacklevel=caller_stacklevel(),
     )

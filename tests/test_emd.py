@@ -194,6 +194,15 @@ def test_mala_estep_never_uses_a_stale_cache():
     assert np.all(result.history["acceptance_rate"] > 0.5)
 
 
+def test_mala_estep_that_accepts_nothing_warns_with_the_step_size():
+    """At step size 50 on a unit-scale 1-D target MALA rejects nearly every proposal (the
+    same run at 0.3 accepts > 50%, above): the run warns, naming acceptance and step size."""
+    with pytest.warns(RuntimeWarning, match=r"accepted .* of their proposals") as record:
+        result = _short_run(_gaussian_teacher(), 10, estep_sampler="mala", estep_step_size=50.0)
+    assert np.median(result.history["acceptance_rate"]) < 0.1
+    assert any("estep_step_size (now 50;" in str(w.message) for w in record)
+
+
 def _two_mode_teacher():
     return teachers.GaussianMixture(
         jnp.array([[-2.0], [2.0]]), jnp.array([0.3, 0.3]), jnp.array([0.5, 0.5])
