@@ -18,10 +18,12 @@ Writes ``emd_posteriors.json`` and ``.png``.
     .venv/bin/python -m benchmarks.emd_posteriors            # all models, ~45 min on 2 cores
     .venv/bin/python -m benchmarks.emd_posteriors --smoke    # eight schools, 30 steps
     .venv/bin/python -m benchmarks.emd_posteriors --models baseball_logit --out DIR
+    .venv/bin/python -m benchmarks.emd_posteriors --option num_estep_steps=4 --out DIR
 """
 
 from __future__ import annotations
 
+import json
 import sys
 import time
 import warnings
@@ -220,12 +222,17 @@ def main() -> None:
     parser.add_argument("--no-importance-resampling", action="store_true")
     parser.add_argument("--update-z", action="store_true",
                         help="EMD(update_z=True): z sampled in the E-step (mass covering)")
+    parser.add_argument("--option", nargs="*", default=[], metavar="NAME=VALUE",
+                        help="more emdppl.EMD options, VALUE as JSON (num_estep_steps=4)")
     args = parser.parse_args()
     out = output_dir(args)
     names = args.models
     options = {"importance_resampling": not args.no_importance_resampling}
     if args.update_z:
         options["update_z"] = True
+    for item in args.option:
+        name, _, value = item.partition("=")
+        options[name] = json.loads(value)
     if args.smoke:
         names = ["eight_schools"]
         options.update(num_steps=30, num_probe_draws=5)
