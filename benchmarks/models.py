@@ -27,6 +27,7 @@ __all__ = [
     "BENCHMARK_MODELS",
     "NUMPYRO_EXAMPLE_MODELS",
     "SAMPLER_MODELS",
+    "SPEED_MODELS",
     "BenchmarkModel",
     "arK",
     "banana",
@@ -41,6 +42,7 @@ __all__ = [
     "load_german_credit",
     "low_dim_gauss_mix",
     "neals_funnel",
+    "sparse_german_credit",
     "zero_inflated_poisson",
 ]
 
@@ -56,6 +58,24 @@ def german_credit(features: jnp.ndarray, labels: jnp.ndarray | None = None) -> N
     for the prior predictive.
     """
     weights = numpyro.sample("weights", dist.Normal(jnp.zeros(features.shape[-1]), 1.0).to_event(1))
+    with numpyro.plate("N", features.shape[0]):
+        numpyro.sample("labels", dist.Bernoulli(logits=features @ weights), obs=labels)
+
+
+def sparse_german_credit(features: jnp.ndarray, labels: jnp.ndarray | None = None) -> None:
+    r"""Inference Gym's sparse logistic regression on German credit, 51 parameters.
+
+    :math:`\tau \sim \mathrm{Gamma}(0.5, 0.5)` (global scale),
+    :math:`\lambda_k \sim \mathrm{Gamma}(0.5, 0.5)` (local scales, 25),
+    :math:`w_k \sim N(0, \tau\lambda_k)`, a Bernoulli-logit likelihood as
+    :func:`german_credit`; written centered (Inference Gym writes the weights non-centered, which
+    is this model's auxiliary form). ``features`` (N, 25), ``labels`` (N,) or ``None``.
+    """
+    global_scale = numpyro.sample("global_scale", dist.Gamma(0.5, 0.5))
+    local_scales = numpyro.sample(
+        "local_scales", dist.Gamma(0.5 * jnp.ones(features.shape[-1]), 0.5).to_event(1)
+    )
+    weights = numpyro.sample("weights", dist.Normal(0.0, global_scale * local_scales).to_event(1))
     with numpyro.plate("N", features.shape[0]):
         numpyro.sample("labels", dist.Bernoulli(logits=features @ weights), obs=labels)
 
@@ -353,7 +373,19 @@ BENCHMARK_MODELS: dict[str, BenchmarkModel] = {
         ),
     ),
 }
-"""The models of ``nuts_speed.py``."""
+"""The models of the sampler grid (``nuts_speed.py``, ``first_call.py``)."""
+
+SPEED_MODELS: dict[str, BenchmarkModel] = {
+    **BENCHMARK_MODELS,
+    "sparse_german_credit": BenchmarkModel(
+        sparse_german_credit,
+        load_german_credit,
+        ("global_scale", "local_scales", "weights"),
+        has_centered_form=True,
+    ),
+}
+"""``nuts_speed.py``'s models: the grid and a held-out one (issue #15's 51-parameter sparse
+logistic regression; no reference posterior, only speed is compared)."""
 
 SAMPLER_MODELS: dict[str, BenchmarkModel] = {
     **BENCHMARK_MODELS,

@@ -27,7 +27,7 @@ if __package__ in (None, ""):
 
 import emdppl  # noqa: E402
 from benchmarks import common  # noqa: E402
-from benchmarks.models import BENCHMARK_MODELS, BenchmarkModel  # noqa: E402
+from benchmarks.models import SPEED_MODELS, BenchmarkModel  # noqa: E402
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -152,7 +152,7 @@ _REPORTED = (
 
 def benchmark_model(name: str, settings: dict, seeds: list[int]) -> dict:
     """Compile run, then one run per seed, of each method; medians over seeds."""
-    bench = BENCHMARK_MODELS[name]
+    bench = SPEED_MODELS[name]
     kwargs = bench.load_kwargs()
     run_numpyro = common.make_numpyro_runner(bench, settings)
     runners = {
@@ -261,8 +261,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser = common.argument_parser(
         __doc__, smoke_help="2 chains, 100 + 100, eight schools, one seed"
     )
-    parser.add_argument("--models", nargs="+", choices=sorted(BENCHMARK_MODELS),
-                        default=sorted(BENCHMARK_MODELS))
+    parser.add_argument("--models", nargs="+", choices=sorted(SPEED_MODELS),
+                        default=sorted(SPEED_MODELS))
     parser.add_argument("--num-chains", type=int, default=4)
     parser.add_argument("--num-warmup", type=int, default=1000)
     parser.add_argument("--num-samples", type=int, default=1000)
