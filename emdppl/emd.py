@@ -334,8 +334,17 @@ def build_student_kernel(
 ):
     """The student warm-up kernel ``kernel(rng_key, state) -> (state, dsm_loss)``: one DSM
     update of the student on draws of the current generator (run before the first EMD step);
-    ``mesh`` as in :func:`build_kernel`."""
-    return _networks(_StudentKernel, config, generator, student, mesh)
+    ``mesh`` as in :func:`build_kernel`.
+
+    The kernel holds only the settings the student's update reads (batch size, noise range,
+    student optimiser), so runs that differ elsewhere (EMD and Diff-Instruct of one teacher)
+    build equal kernels and share one compiled warm-up."""
+    student_config = DistillConfig(
+        batch_size=config.batch_size,
+        sigma_range=config.sigma_range,
+        student_optimizer=config.student_optimizer,
+    )
+    return _networks(_StudentKernel, student_config, generator, student, mesh)
 
 
 def default_student(
