@@ -66,7 +66,20 @@ WORKER = textwrap.dedent(
             emdppl.infer(model, ck, model_kwargs=dict(X=X, y=y), rng_key=5, progress_bar=False)
         except ValueError as err:
             checkpoint["refused"] = str(err)
+    # SVI's particles and EMD's batch over the same 4 devices (2 per process)
+    import warnings
+    warnings.simplefilter("ignore", RuntimeWarning)  # short fits: the convergence warnings
+    svi = emdppl.SVI("auto_normal", num_steps=100, num_particles=8, devices="all")
+    fit = svi.fit(2, model, model_kwargs=dict(X=X, y=y), progress_bar=False)
+    svi_params = {k: np.asarray(v).tolist() for k, v in fit.params.items()}
+    from emdppl import generators, teachers
+    teacher = teachers.GaussianMixture(
+        jax.numpy.array([[-1.0], [1.5]]), jax.numpy.array([0.4, 0.6]), jax.numpy.array([0.3, 0.7]))
+    distilled = emdppl.distill(teacher, generators.affine(1), num_steps=20, batch_size=64,
+                               num_probe_draws=0, rng_key=3, progress_bar=False, devices="all")
+    emd_params = [np.asarray(x).ravel().tolist() for x in jax.tree.leaves(distilled.state.theta)]
     print("RESULT" + json.dumps({
+        "svi_params": svi_params, "emd_params": emd_params, "emd_devices": len(distilled.devices),
         "process": jax.process_index(), "num_processes": jax.process_count(),
         "devices": len(jax.devices()), "local": len(jax.local_devices()),
         "main": emdppl.distributed.is_main_process(), "checkpoint": checkpoint,
@@ -170,6 +183,21 @@ def test_two_processes_agree_with_one_process_on_four_devices(runs):
     for i in range(2):
         mcse = float(az.mcse(one[..., i]))
         assert abs(many[..., i].mean() - one[..., i].mean()) < 4 * np.sqrt(2) * mcse
+
+
+def test_svi_and_distillation_over_two_processes_match_one_process(runs):
+    """SVI's ELBO particles and EMD's batch split over 4 devices of 2 processes: both processes
+    end with the same parameters, equal to one process on 4 devices to float round-off (the
+    same draws, summed in another order)."""
+    processes, single = runs
+    first, second = sorted(processes, key=lambda p: p["process"])
+    assert first["emd_devices"] == second["emd_devices"] == 4
+    for key in ("svi_params", "emd_params"):
+        assert first[key] == second[key]
+    for name, value in single["svi_params"].items():
+        np.testing.assert_allclose(first["svi_params"][name], value, rtol=1e-4, atol=1e-5)
+    for mine, theirs in zip(first["emd_params"], single["emd_params"], strict=True):
+        np.testing.assert_allclose(mine, theirs, rtol=1e-4, atol=1e-5)
 
 
 def test_initialize_refuses_bad_input_and_a_running_backend(monkeypatch):
