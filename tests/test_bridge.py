@@ -65,6 +65,32 @@ def test_logdensity_value_grad_one_round_trip_per_batch(batching):
     assert value_calls == [(3,)]
 
 
+def test_off_cpu_path_pure_callback_gives_the_same_values(monkeypatch):
+    """The path a GPU or TPU program takes (``jax.pure_callback``), forced on the CPU by making
+    ``platform_dependent`` pick its default branch: the same values and gradients as the
+    buffer callback, one round trip per batch, and the program lowers to pure_callback."""
+    example = {"a": jnp.zeros(2), "b": jnp.zeros(())}
+    x = {"a": jax.random.normal(jax.random.key(0), (4, 2)), "b": jnp.arange(4.0)}
+    on_cpu = bridge.torch_logdensity(_gaussian_logdensity, example)
+    expected = jax.jit(jax.vmap(jax.value_and_grad(on_cpu)))(x)
+
+    def default_branch(*args, default, **branches):
+        return default(*args)
+
+    monkeypatch.setattr(jax.lax, "platform_dependent", default_branch)
+    elsewhere = bridge.torch_logdensity(_gaussian_logdensity, example)
+    calls = _count_calls(elsewhere.host, "value_and_grad")
+    batched = jax.jit(jax.vmap(jax.value_and_grad(elsewhere)))
+    values, grads = batched(x)
+    assert calls == [(4, 3)]
+    lowered = batched.lower(x).as_text()
+    assert "xla_ffi_python_cpu_callback" in lowered
+    assert "xla_buffer_python_cpu_callback" not in lowered
+    np.testing.assert_array_equal(values, expected[0])
+    for name in ("a", "b"):
+        np.testing.assert_array_equal(grads[name], expected[1][name])
+
+
 def test_traced_batch_graph_equals_vmap_and_steps_aside_when_it_would_freeze_state():
     """The traced graph of a batch size reproduces torch.func.vmap on new batches of that size;
     a function whose value depends on Python state (a counter the trace would bake in) fails the
