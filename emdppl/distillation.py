@@ -24,11 +24,11 @@ import numpy as np
 
 from emdppl import emd
 from emdppl import generators as generators_module
-from emdppl.base import Algorithm, PRNGKey, as_key, caller_stacklevel
+from emdppl.base import PRNGKey, as_key, caller_stacklevel
 from emdppl.distill_config import DistillConfig, cosine_adam
 from emdppl.driver import check_checkpoint_dir, checkpoint_exists, run
 from emdppl.estep import run_chain
-from emdppl.sharding import Devices, batch_mesh, describe, replicate, to_host
+from emdppl.sharding import Devices, batch_mesh, describe, to_host
 from emdppl.teachers import (
     NUM_LAPLACE_STARTS,
     SMOOTHINGS,
@@ -198,11 +198,9 @@ def distill(
         and config.student_warmup_steps
         and not checkpoint_exists(checkpoint_dir)
     ):
-        student_kernel = emd.build_student_kernel(config, generator, student, mesh)
-        warmup = Algorithm(algorithm.init, replicate(student_kernel, mesh))
         state, _ = run(
             k_warmup,
-            warmup,
+            emd.student_warmup(config, generator, student, mesh),
             config.student_warmup_steps,
             state,
             progress_bar=progress_bar,

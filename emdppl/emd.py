@@ -63,6 +63,7 @@ __all__ = [
     "build_student_kernel",
     "default_student",
     "init",
+    "student_warmup",
 ]
 
 
@@ -345,6 +346,22 @@ def build_student_kernel(
         student_optimizer=config.student_optimizer,
     )
     return _networks(_StudentKernel, student_config, generator, student, mesh)
+
+
+def student_warmup(
+    config: DistillConfig,
+    generator: generators_module.AbstractGenerator,
+    student: DiffusionModel,
+    mesh: Mesh | None = None,
+) -> Algorithm:
+    """The student warm-up as an :class:`~emdppl.base.Algorithm`: ``init(generator, rng_key)
+    -> EMDState`` and ``step(rng_key, state) -> (state, dsm_loss)`` of
+    :func:`build_student_kernel`. Both hold the student's settings only, so EMD and
+    Diff-Instruct runs of one teacher compile one warm-up program (:func:`emdppl.run` is
+    jitted on the whole algorithm)."""
+    kernel = build_student_kernel(config, generator, student, mesh)
+    init = _Init(replicate(student, mesh), kernel.config, mesh)
+    return Algorithm(init=init, step=replicate(kernel, mesh))
 
 
 def default_student(

@@ -522,16 +522,16 @@ def test_distill_runs_under_x64():
 
 
 def test_student_warmup_kernel_is_shared_by_emd_and_diff_instruct():
-    """The warm-up kernel holds only the student's settings: EMD and Diff-Instruct runs of one
-    teacher build equal (hash-equal) kernels, so the warm-up compiles once for both, and a
-    different student optimiser or batch size builds another."""
+    """The warm-up (init and kernel) holds only the student's settings: EMD and Diff-Instruct
+    runs of one teacher build warm-ups of one tree structure, statics included, so the jitted
+    chunk compiles once for both; a different student optimiser or batch size builds another."""
     teacher = _gaussian_teacher()
     generator = generators.mlp(1, key=jax.random.key(0))
     student = emd.default_student(teacher, generator, jax.random.key(1))
 
     def kernel(**options):  # what a jit's cache keys on: the tree structure, statics included
         config = emdppl.DistillConfig(sigma_range=(0.1, 1.0), **options)
-        return jax.tree.structure(emd.build_student_kernel(config, generator, student))
+        return jax.tree.structure(emd.student_warmup(config, generator, student))
 
     emd_kernel = kernel(method="emd")
     assert kernel(method="diff_instruct") == emd_kernel
