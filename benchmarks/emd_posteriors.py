@@ -178,6 +178,9 @@ def run_model(name: str, seed: int, emd_options: dict) -> dict:
             )
         )
         row["site_errors_unconstrained"] = site_errors(log_draws, reference["unconstrained"])
+    row["generator"] = str(idata.posterior.attrs["generator"])
+    if "fallback_pareto_k" in idata.posterior.attrs:
+        row["fallback_pareto_k"] = float(idata.posterior.attrs["fallback_pareto_k"])
     row["importance_ess"] = float(idata.posterior.attrs["importance_ess"])
     row["importance_resampled"] = int(idata.posterior.attrs["importance_resampled"])
     row["pareto_k"] = float(idata.posterior.attrs["pareto_k"])

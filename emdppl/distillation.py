@@ -44,6 +44,8 @@ if TYPE_CHECKING:
 __all__ = ["EMD", "DistillResult", "OwnDensityStudent", "distill"]
 
 GENERATORS = ("sinh_arcsinh", "maf", "affine", "mlp")
+#: The generators with an exact density (all but ``"mlp"``).
+DENSITY_GENERATORS = ("sinh_arcsinh", "maf", "affine")
 
 #: ``z_rms`` (last tenth of the run, median) above which the z chains are called unstable
 #: (values on working and failing runs: benchmarks/README.md, "z_rms").
@@ -453,6 +455,10 @@ def psis(log_weights: Any) -> tuple[np.ndarray, float]:
     return weights, float(k) if finite.all() else float("inf")
 
 
+#: The end of :func:`check_fit`'s warning when every importance weight is finite.
+FIT_ADVICE = " Raise num_steps or try generator='maf'."
+
+
 def check_fit(
     log_weights: Any, draws: Any = None, log_p: Any = None
 ) -> tuple[np.ndarray, float]:
@@ -467,23 +473,31 @@ def check_fit(
     draws have a non-finite ``log p`` (and how far out the draws lie, in posterior sds) and how
     many a non-finite ``log q``.
     """
+    weights, k, message = _fit(log_weights, draws, log_p)
+    if message:
+        warnings.warn(message, RuntimeWarning, stacklevel=caller_stacklevel())
+    return weights, k
+
+
+def _fit(
+    log_weights: Any, draws: Any = None, log_p: Any = None, advice: str = FIT_ADVICE
+) -> tuple[np.ndarray, float, str]:
+    """``(weights, k_hat, warning)`` of :func:`check_fit`, the warning ``""`` for a good fit;
+    ``advice`` ends it when the weights are finite."""
     log_weights = np.asarray(log_weights, np.float64)
     n = int(log_weights.shape[0])
     weights, k = psis(log_weights)
     threshold = min(1 - 1 / np.log10(max(n, 11)), 0.7)
-    if not k <= threshold:
-        cause = _nonfinite_weights(log_weights, draws, log_p) or (
-            " Raise num_steps or try generator='maf'."
-        )
-        warnings.warn(
-            f"the distilled generator does not represent this posterior: PSIS k-hat "
-            f"{k:.2f} > {threshold:.2f} (importance weights posterior / generator over "
-            f"{n} draws). Means and sds from its draws can be wrong.{cause} Or use MCMC "
-            "(emdppl.infer(model, 'nuts')).",
-            RuntimeWarning,
-            stacklevel=caller_stacklevel(),
-        )
-    return weights, k
+    if k <= threshold:
+        return weights, k, ""
+    cause = _nonfinite_weights(log_weights, draws, log_p) or advice
+    message = (
+        f"the distilled generator does not represent this posterior: PSIS k-hat "
+        f"{k:.2f} > {threshold:.2f} (importance weights posterior / generator over "
+        f"{n} draws). Means and sds from its draws can be wrong.{cause} Or use MCMC "
+        "(emdppl.infer(model, 'nuts'))."
+    )
+    return weights, k, message
 
 
 def _nonfinite_weights(log_weights: np.ndarray, draws: Any, log_p: Any) -> str:
@@ -610,6 +624,12 @@ class EMD:
         Largest noise level of the posterior teacher.
     generator
         One of ``"sinh_arcsinh"``, ``"maf"``, ``"affine"``, ``"mlp"``.
+    fallback_generator
+        With exact densities, when the fit check fails (PSIS :math:`\hat k` above its threshold)
+        the posterior is distilled again into this generator (same seed and settings) and the
+        fit with the lower :math:`\hat k` is kept; the warning is given only if that one fails
+        too. ``posterior.attrs``: ``generator`` (the one kept) and ``fallback_pareto_k`` (the
+        other's, or ``inf`` when it stopped on NaN). ``None``: no second try.
     smoothing
         ``"none"`` (exact densities, above) or ``"laplace"``; ``None``: ``"none"`` except for
         ``"mlp"``.
@@ -635,6 +655,7 @@ class EMD:
         learning_rate: float = 0.02,
         sigma_max: float = 0.5,
         generator: str = "sinh_arcsinh",
+        fallback_generator: str | None = "maf",
         smoothing: str | None = None,
         importance_resampling: bool = True,
         devices: Devices = None,
@@ -643,6 +664,12 @@ class EMD:
     ) -> None:
         if generator not in GENERATORS:
             raise ValueError(f"generator must be one of {GENERATORS}, got {generator!r}.")
+        if fallback_generator is not None and fallback_generator not in DENSITY_GENERATORS:
+            raise ValueError(
+                f"fallback_generator must be None or one of {DENSITY_GENERATORS} (a generator "
+                f"with an exact density), got {fallback_generator!r}."
+            )
+        self.fallback_generator = fallback_generator
         if smoothing is None:
             smoothing = "laplace" if generator == "mlp" else "none"
         if smoothing not in SMOOTHINGS or (generator == "mlp" and smoothing == "none"):
@@ -676,28 +703,48 @@ class EMD:
         return (
             f"EMD(num_samples={self.num_samples}, num_chains={self.num_chains}, "
             f"learning_rate={self.learning_rate}, sigma_max={self.sigma_max}, "
-            f"generator={self.generator!r}, devices={self.devices!r}, config={self.config!r})"
+            f"generator={self.generator!r}, fallback_generator={self.fallback_generator!r}, "
+            f"devices={self.devices!r}, config={self.config!r})"
         )
 
-    def _generator(self, data_dim: int, key: PRNGKey) -> generators_module.AbstractGenerator:
-        if self.generator == "maf":
-            return generators_module.maf(data_dim, key=key)
-        if self.generator == "mlp":
-            return generators_module.mlp(data_dim, key=key)
-        return getattr(generators_module, self.generator)(data_dim)
+    def _distill(
+        self, teacher: DensityTeacher, name: str, config: DistillConfig, keys, progress_bar: bool
+    ):
+        """``(DistillResult, _draws(...))`` of the posterior distilled into generator ``name``;
+        ``keys = (k_distill, k_sample)``."""
+        k_distill, k_sample = keys
+        key = jax.random.fold_in(k_distill, 1)
+        if name in ("maf", "mlp"):
+            generator = getattr(generators_module, name)(teacher.data_dim, key=key)
+        else:
+            generator = getattr(generators_module, name)(teacher.data_dim)
+        if self.smoothing == "none":
+            generator = OwnDensityStudent(generator)
+        result = distill(
+            teacher,
+            generator,
+            config=config,
+            rng_key=k_distill,
+            progress_bar=progress_bar,
+            devices=self.devices,
+        )
+        return result, self._draws(teacher, result.generator, k_sample)
 
     def _draws(self, teacher: DensityTeacher, generator: Any, rng_key: PRNGKey):
-        """``(draws (num_samples, d), attrs, sample_stats)``: one-step draws, importance-
+        """``(draws (num_samples, d), attrs, sample_stats, warning)``: one-step draws, importance-
         resampled (see the class docstring) when ``importance_resampling`` and the fit check
-        passes; ``sample_stats`` holds their ``log_weight`` when they are not resampled."""
+        passes; ``sample_stats`` holds their ``log_weight`` when they are not resampled;
+        ``warning`` is the fit check's (``""`` for a good fit)."""
         if self.smoothing != "none":
-            return _sample(generator, rng_key, self.num_samples), {}, None
+            return _sample(generator, rng_key, self.num_samples), {}, None, ""
         k_pool, k_resample = jax.random.split(rng_key)
         pool_size = self.num_samples * (IMPORTANCE_POOL if self.importance_resampling else 1)
         pool = _sample(generator, k_pool, pool_size)
         log_p, log_q = (np.asarray(x) for x in _log_densities(teacher, generator, pool))
         log_weights = log_p - log_q
-        weights, k = check_fit(log_weights, pool, log_p)
+        tried = "maf" in (self.generator, self.fallback_generator)
+        advice = " Raise num_steps." if tried else FIT_ADVICE
+        weights, k, warning = _fit(log_weights, pool, log_p, advice)
         attrs = {
             "pareto_k": k,
             "importance_ess": float(1 / np.sum(weights**2)),
@@ -709,9 +756,10 @@ class EMD:
                 pool[: self.num_samples],
                 {**attrs, "importance_resampled": 0},
                 {"log_weight": kept},
+                warning,
             )
         index = _resample(k_resample, jnp.asarray(weights), self.num_samples)
-        return pool[index], {**attrs, "importance_resampled": 1}, None
+        return pool[index], {**attrs, "importance_resampled": 1}, None, warning
 
     def infer(self, problem: Problem, *, rng_key: int | PRNGKey = 0, progress_bar: bool = True):
         """Distil ``problem``'s posterior into a one-step generator and sample it.
@@ -730,23 +778,33 @@ class EMD:
         if not self._has_optimizer:
             optimizer = cosine_adam(self.learning_rate, config.num_steps)
             config = dataclasses.replace(config, optimizer=optimizer)
-        generator = self._generator(teacher.data_dim, jax.random.fold_in(k_distill, 1))
-        if self.smoothing == "none":
-            generator = OwnDensityStudent(generator)
-        result = distill(
-            teacher,
-            generator,
-            config=config,
-            rng_key=k_distill,
-            progress_bar=progress_bar,
-            devices=self.devices,
+        keys = (k_distill, k_sample)
+        result, (draws, importance, sample_stats, warning) = self._distill(
+            teacher, self.generator, config, keys, progress_bar
         )
-        draws, importance, sample_stats = self._draws(teacher, result.generator, k_sample)
+        kept, fallback = self.generator, self.fallback_generator
+        if warning and self.smoothing == "none" and fallback not in (None, self.generator):
+            first_k = importance["pareto_k"]
+            try:
+                other = self._distill(teacher, fallback, config, keys, progress_bar)
+            except FloatingPointError:  # the fallback diverged: keep the first fit
+                other_k = float("inf")
+            else:
+                other_k = other[1][1]["pareto_k"]
+                if other_k < first_k:
+                    result, (draws, importance, sample_stats, warning) = other
+                    kept, other_k = fallback, first_k
+            importance = {**importance, "fallback_pareto_k": other_k}
+            if warning:
+                warning += f" ({self.generator!r} and {fallback!r} were both tried.)"
+        if warning:
+            warnings.warn(warning, RuntimeWarning, stacklevel=caller_stacklevel())
         positions = jax.vmap(teacher.position)(draws)
         positions = jax.tree.map(lambda x: x.reshape(self.num_chains, -1, *x.shape[1:]), positions)
         posterior = {k: np.asarray(v) for k, v in target.postprocess(positions).items()}
         attrs = {
             "algorithm": "emd",
+            "generator": kept,
             "num_steps": config.num_steps,
             "estep_sampler": config.estep_sampler,
             "num_estep_steps": config.num_estep_steps,

@@ -22,6 +22,7 @@ import warnings
 import jax
 import jax.numpy as jnp
 import numpy as np
+import numpyro
 import pytest
 
 import emdppl
@@ -171,3 +172,65 @@ def test_emd_on_the_horseshoe_is_correct_or_loud():
         # MCSE from 4389, the smallest bulk ESS of the Gibbs reference's components (log tau)
         ref_sd = ref.std(0)
         _assert_within_bounds(x, ref.mean(0), ref_sd, ref_sd / np.sqrt(4389), site)
+
+
+class _Fit:
+    """What ``EMD._distill`` returns, for a stub: a result and ``_draws``' four values."""
+
+    def __init__(self, k: float, value: float):
+        self.k, self.value = k, value
+
+    def __call__(self, emd, teacher):
+        result = type("Result", (), {})()
+        result.state = type("State", (), {"num_skipped": 0})()
+        result.devices, result.estep_idata = ("cpu:0",), None
+        draws = jnp.full((emd.num_samples, teacher.data_dim), self.value)
+        warning = f"the distilled generator does not represent this posterior: k {self.k}" * (
+            self.k > 0.7
+        )
+        return result, (draws, {"pareto_k": self.k, "importance_ess": 1.0}, None, warning)
+
+
+@pytest.mark.parametrize(
+    "fits, kept, warns, other_k",
+    [
+        ({"sinh_arcsinh": _Fit(0.9, 1.0), "maf": _Fit(0.5, 2.0)}, "maf", False, 0.9),
+        ({"sinh_arcsinh": _Fit(0.9, 1.0), "maf": _Fit(0.95, 2.0)}, "sinh_arcsinh", True, 0.95),
+        (
+            {"sinh_arcsinh": _Fit(0.9, 1.0), "maf": FloatingPointError},
+            "sinh_arcsinh", True, float("inf"),
+        ),
+        ({"sinh_arcsinh": _Fit(0.3, 1.0)}, "sinh_arcsinh", False, None),  # good: no second try
+    ],
+)
+def test_fallback_generator_keeps_the_better_fit(monkeypatch, fits, kept, warns, other_k):
+    """When the default generator's fit check fails, EMD distils the posterior into the
+    fallback generator and keeps the fit with the lower k-hat (the first when the fallback
+    stops on NaN); it warns only when the kept fit fails the check, naming both tries."""
+    calls = []
+
+    def fake_distill(self, teacher, name, config, keys, progress_bar):
+        calls.append(name)
+        if fits[name] is FloatingPointError:
+            raise FloatingPointError("distillation stopped")
+        return fits[name](self, teacher)
+
+    monkeypatch.setattr(emdppl.EMD, "_distill", fake_distill)
+    model = lambda: numpyro.sample("x", numpyro.distributions.Normal(0.0, 1.0))  # noqa: E731
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        idata = emdppl.infer(model, emdppl.EMD(num_samples=8), progress_bar=False)
+    assert calls == list(fits)
+    post = idata.posterior
+    assert post.attrs["generator"] == kept
+    assert float(post["x"].values.mean()) == {"sinh_arcsinh": 1.0, "maf": 2.0}[kept]
+    fit_warnings = [str(w.message) for w in caught if "distilled generator" in str(w.message)]
+    assert len(fit_warnings) == int(warns)
+    if warns:
+        assert "'sinh_arcsinh' and 'maf' were both tried" in fit_warnings[0]
+    if other_k is None:
+        assert "fallback_pareto_k" not in post.attrs
+    else:
+        assert float(post.attrs["fallback_pareto_k"]) == other_k
+    with pytest.raises(ValueError, match="fallback_generator must be None or one of"):
+        emdppl.EMD(fallback_generator="mlp")
