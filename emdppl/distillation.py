@@ -493,7 +493,7 @@ def _fit(
     cause = _nonfinite_weights(log_weights, draws, log_p) or advice
     message = (
         f"the distilled generator does not represent this posterior: PSIS k-hat "
-        f"{k:.2f} > {threshold:.2f} (importance weights posterior / generator over "
+        f"{k:.3g} > {threshold:.3g} (importance weights posterior / generator over "
         f"{n} draws). Means and sds from its draws can be wrong.{cause} Or use MCMC "
         "(emdppl.infer(model, 'nuts'))."
     )
