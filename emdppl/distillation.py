@@ -308,13 +308,13 @@ def _stop_cause(history: dict, config: DistillConfig, teacher: Any = None) -> st
             "finite but the updated parameters were not: the optimiser's step overflowed them. "
             "Lower the learning rate (optimizer=, or emdppl.EMD(learning_rate=))"
         )
-    norms = before["grad_norm"]
+    norms = before["grad_norm"][np.isfinite(before["grad_norm"])]
     early = history["grad_norm"][: max(1, first // 10)]
     early = early[np.isfinite(early)]
-    if norms.size and early.size and np.nanmax(norms) > 100 * max(np.median(early), 1e-12):
+    if norms.size and early.size and np.max(norms) > 100 * max(np.median(early), 1e-12):
         message += (
             f". The generator's gradient norm had grown from {np.median(early):.3g} (median over "
-            f"the first tenth of the steps) to {np.nanmax(norms):.3g} just before: the generator "
+            f"the first tenth of the steps) to {np.max(norms):.3g} just before: the generator "
             "moved where the teacher is stiff; a lower learning rate keeps it from getting there"
         )
     return message + "."
