@@ -786,13 +786,15 @@ class EMD:
         if warning and self.smoothing == "none" and fallback not in (None, self.generator):
             first_k = importance["pareto_k"]
             try:
-                other = self._distill(teacher, fallback, config, keys, progress_bar)
+                other_result, other_draws = self._distill(
+                    teacher, fallback, config, keys, progress_bar
+                )
             except FloatingPointError:  # the fallback diverged: keep the first fit
                 other_k = float("inf")
             else:
-                other_k = other[1][1]["pareto_k"]
+                other_k = other_draws[1]["pareto_k"]
                 if other_k < first_k:
-                    result, (draws, importance, sample_stats, warning) = other
+                    result, (draws, importance, sample_stats, warning) = other_result, other_draws
                     kept, other_k = fallback, first_k
             importance = {**importance, "fallback_pareto_k": other_k}
             if warning:
