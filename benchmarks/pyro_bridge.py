@@ -5,17 +5,18 @@ centered form) and Inference Gym's German credit logistic regression (25 weights
 ``benchmarks.models.german_credit``), the regression the bridge was not developed on.
 
 1. Per call, value and gradient of the auxiliary log density: the Pyro model through
-   ``emdppl.bridge.target_from_pyro`` (torch on the host, one ``pure_callback`` round trip for
-   all chains, ``torch.func.vmap``-ed) against the NumPyro twin (``emdppl.Target.from_numpyro``,
-   native JAX), for 1, 4, 16 and 64 chains (vmapped).
-2. NUTS (target acceptance 0.95, same warm-up and draws, auxiliary form): emdppl on the Pyro
-   target (the bridge) and on the NumPyro twin, for each ``--num-chains`` (chains vmapped,
-   every leapfrog step one round trip for all of them), and Pyro's own ``pyro.infer.NUTS`` on
+   ``emdppl.bridge.target_from_pyro``, compiled to JAX (``evaluate="jax"``) and on the host
+   (``evaluate="torch"``: one host round trip for all chains, ``torch.func.vmap``-ed), against
+   the NumPyro twin (``emdppl.Target.from_numpyro``, native JAX), for 1, 4, 16 and 64 chains
+   (vmapped).
+2. NUTS (target acceptance 0.95, same warm-up and draws, auxiliary form): emdppl on both Pyro
+   targets and on the NumPyro twin, for each ``--num-chains`` (chains vmapped; on the host
+   every leapfrog step is one round trip for all of them), and Pyro's own ``pyro.infer.NUTS`` on
    the same auxiliary Pyro model, ``--pyro-chains`` chains run one after another (so its ESS
    per second does not depend on their number). ESS is the minimum bulk ESS over the model's
    latent sites; seconds are wall-clock of the whole run (compilation and the
-   postprocessing to every site included). Ratios: bridge / Pyro NUTS and bridge / NumPyro at
-   the same number of chains.
+   postprocessing to every site included; building the targets is timed apart). Ratios:
+   each bridge / Pyro NUTS and / NumPyro at the same number of chains.
 
     python benchmarks/pyro_bridge.py            # 4 and 64 chains (Pyro: 2), 500 + 1000
     python benchmarks/pyro_bridge.py --models german_credit --num-chains 4
@@ -160,19 +161,17 @@ def _pyro_sites(model, samples: dict, data: dict, var_names: tuple) -> dict:
 def print_table(results: dict) -> None:
     for name, model in results["models"].items():
         print(f"\n{name}: per call, value + gradient (microseconds)")
-        print(f"{'chains':>7} {'bridge (Pyro)':>14} {'native (NumPyro)':>17} {'ratio':>7}")
+        labels = list(next(iter(model["per_call_us"].values())))
+        print(f"{'chains':>7} " + " ".join(f"{label:>10}" for label in labels))
         for chains, row in model["per_call_us"].items():
-            ratio = row["bridge"] / row["native"]
-            print(f"{chains:>7} {row['bridge']:>14.1f} {row['native']:>17.1f} {ratio:>7.1f}")
+            print(f"{chains:>7} " + " ".join(f"{row[label]:>10.1f}" for label in labels))
         print(f"\n{name}: NUTS (auxiliary form)")
-        print(f"{'method':<40} {'seconds':>9} {'min ESS':>9} {'ESS/s':>9}")
+        print(f"{'method':<48} {'seconds':>9} {'min ESS':>9} {'ESS/s':>9}")
         for method, row in model["nuts"].items():
-            print(f"{method:<40} {row['seconds']:>9.1f} {row['ess']:>9.0f} "
+            print(f"{method:<48} {row['seconds']:>9.1f} {row['ess']:>9.0f} "
                   f"{row['ess_per_s']:>9.2f}")
-        print(f"\n{'chains':>7} {'bridge / Pyro NUTS':>19} {'bridge / NumPyro':>17}")
         for chains, row in model["ratios"].items():
-            print(f"{chains:>7} {row['bridge_over_pyro_nuts']:>19.2f} "
-                  f"{row['bridge_over_numpyro']:>17.3f}")
+            print(f"{chains:>4} chains: " + ", ".join(f"{k} {v:.3g}" for k, v in row.items()))
 
 
 def plot(results: dict, path: Path) -> None:
@@ -180,9 +179,11 @@ def plot(results: dict, path: Path) -> None:
     fig, axes = plt.subplots(len(models), 2, figsize=(10, 3.5 * len(models)), squeeze=False)
     for (name, model), (left, right) in zip(models.items(), axes, strict=True):
         chains = list(model["per_call_us"])
-        for offset, key in ((-0.2, "bridge"), (0.2, "native")):
-            left.bar(np.arange(len(chains)) + offset, [model["per_call_us"][c][key]
-                     for c in chains], 0.4, label=key)
+        labels = list(model["per_call_us"][chains[0]])
+        width = 0.8 / len(labels)
+        for i, key in enumerate(labels):
+            left.bar(np.arange(len(chains)) + (i - (len(labels) - 1) / 2) * width,
+                     [model["per_call_us"][c][key] for c in chains], width, label=key)
         left.set(xticks=range(len(chains)), xticklabels=[f"{c} chain(s)" for c in chains],
                  ylabel="microseconds per value+grad", yscale="log", title=name)
         left.legend()
@@ -194,18 +195,29 @@ def plot(results: dict, path: Path) -> None:
     plt.close(fig)
 
 
+#: How the Pyro model is evaluated: ``target_from_pyro``'s ``evaluate``, or the NumPyro twin.
+EVALUATIONS = {"compiled": "jax", "host": "torch"}
+
+
 def run_model(bench: BridgeModel, args: argparse.Namespace, settings: dict) -> dict:
-    """Per-call costs, then NUTS: Pyro's own, and emdppl on the bridge and on the twin."""
+    """Per-call costs, then NUTS: Pyro's own, and emdppl on the bridge (compiled to JAX and
+    on the host) and on the NumPyro twin."""
     call_chains = (1, 4, 16, 64)
     most = max(*args.num_chains, *call_chains)
-    pyro_target = target_from_pyro(bench.pyro_model, model_kwargs=bench.data, num_chains=most)
-    native_target = emdppl.Target.from_numpyro(
+    targets, build_seconds = {}, {}
+    for label, evaluate in EVALUATIONS.items():
+        with common.stopwatch() as watch:
+            targets[label] = target_from_pyro(
+                bench.pyro_model, model_kwargs=bench.data, num_chains=most, evaluate=evaluate
+            )
+        build_seconds[label] = watch.wall_seconds
+    targets["native"] = emdppl.Target.from_numpyro(
         bench.numpyro_model, model_kwargs=bench.data, num_chains=most
     )
     per_call = {
         chains: {
-            "bridge": microseconds_per_call(pyro_target, chains, args.num_calls),
-            "native": microseconds_per_call(native_target, chains, args.num_calls),
+            label: microseconds_per_call(target, chains, args.num_calls)
+            for label, target in targets.items()
         }
         for chains in call_chains
     }
@@ -218,29 +230,38 @@ def run_model(bench: BridgeModel, args: argparse.Namespace, settings: dict) -> d
     pyro_row = f"Pyro NUTS, {args.pyro_chains} chain(s) in turn"
     nuts = {pyro_row: run_pyro_nuts(bench, settings, args.pyro_chains, args.seed)}
     for chains in args.num_chains:
-        for label, target in (("Pyro bridge", pyro_target), ("NumPyro", native_target)):
-            nuts[f"emdppl NUTS, {label}, {chains} chains"] = run_emdppl(
+        for label, target in targets.items():
+            nuts[_row(label, chains)] = run_emdppl(
                 chains_of(target, chains), settings, args.seed, bench.var_names
             )
     for row in nuts.values():
         row["ess_per_s"] = row["ess"] / row["seconds"]
-    ratios = {}
-    for chains in args.num_chains:
-        bridge = nuts[f"emdppl NUTS, Pyro bridge, {chains} chains"]["ess_per_s"]
-        native = nuts[f"emdppl NUTS, NumPyro, {chains} chains"]["ess_per_s"]
-        ratios[chains] = {
-            "bridge_over_pyro_nuts": bridge / nuts[pyro_row]["ess_per_s"],
-            "bridge_over_numpyro": bridge / native,
+    ratios = {
+        chains: {
+            f"{label}_over_{baseline}": nuts[_row(label, chains)]["ess_per_s"] / reference
+            for label in EVALUATIONS
+            for baseline, reference in (
+                ("pyro_nuts", nuts[pyro_row]["ess_per_s"]),
+                ("numpyro", nuts[_row("native", chains)]["ess_per_s"]),
+            )
         }
-    host = pyro_target.logdensity_fn.host
+        for chains in args.num_chains
+    }
+    host = targets["host"].logdensity_fn.host
     return {
         "per_call_us": per_call,
+        "target_build_seconds": build_seconds,
         "nuts": nuts,
         "ratios": ratios,
         "batching": host.batching,
         "traced_batch_sizes": sorted(k for k, v in host.traced.items() if v is not None),
-        "postprocess_batching": pyro_target.postprocess_fn.host.batching,
+        "postprocess_batching": targets["host"].postprocess_fn.host.batching,
     }
+
+
+def _row(label: str, chains: int) -> str:
+    name = {"compiled": "Pyro bridge compiled", "host": "Pyro bridge on host"}.get(label, "NumPyro")
+    return f"emdppl NUTS, {name}, {chains} chains"
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -43,8 +43,8 @@ Layout, lower layers first (a module imports only from the lines above it):
 - ``emd``: EM distillation as ``init`` / ``build_kernel`` / ``as_top_level_api``.
 - ``distillation``: the driver :func:`distill`, :class:`DistillResult`, :class:`EMD`.
 - ``infer``: :func:`infer`, one call for every algorithm.
-- ``bridge/``: torch and Pyro, imported lazily (callback, torch teacher, Pyro model, target,
-  predictive, SVI).
+- ``bridge/``: torch and Pyro, imported lazily (callback, aten lowering to JAX, torch teacher,
+  Pyro model, target, predictive, SVI).
 - ``models``, ``digits``, ``demo``, ``cli``: the bundled eight schools, the digits
   distillation experiment, ``emdppl demo``, the command line.
 """

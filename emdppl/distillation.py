@@ -626,10 +626,12 @@ class EMD:
         One of ``"sinh_arcsinh"``, ``"maf"``, ``"affine"``, ``"mlp"``.
     fallback_generator
         With exact densities, when the fit check fails (PSIS :math:`\hat k` above its threshold)
-        the posterior is distilled again into this generator (same seed and settings) and the
-        fit with the lower :math:`\hat k` is kept; the warning is given only if that one fails
-        too. ``posterior.attrs``: ``generator`` (the one kept) and ``fallback_pareto_k`` (the
-        other's, or ``inf`` when it stopped on NaN). ``None``: no second try.
+        or the distillation stops on NaN, the posterior is distilled again into this generator
+        (same seed and settings) and the fit with the lower :math:`\hat k` is kept (a NaN stop
+        counts as :math:`\infty`; when both stop, the error names both causes); the warning is
+        given only if the kept fit fails the check too. ``posterior.attrs``: ``generator`` (the
+        one kept) and ``fallback_pareto_k`` (the other's, or ``inf`` when it stopped on NaN).
+        ``None``: no second try.
     smoothing
         ``"none"`` (exact densities, above) or ``"laplace"``; ``None``: ``"none"`` except for
         ``"mlp"``.
@@ -730,6 +732,15 @@ class EMD:
         )
         return result, self._draws(teacher, result.generator, k_sample)
 
+    def _attempt(
+        self, teacher: DensityTeacher, name: str, config: DistillConfig, keys, progress_bar: bool
+    ):
+        """:meth:`_distill`'s value, or the ``FloatingPointError`` it raised (a NaN stop)."""
+        try:
+            return self._distill(teacher, name, config, keys, progress_bar)
+        except FloatingPointError as error:
+            return error
+
     def _draws(self, teacher: DensityTeacher, generator: Any, rng_key: PRNGKey):
         """``(draws (num_samples, d), attrs, sample_stats, warning)``: one-step draws, importance-
         resampled (see the class docstring) when ``importance_resampling`` and the fit check
@@ -779,24 +790,30 @@ class EMD:
             optimizer = cosine_adam(self.learning_rate, config.num_steps)
             config = dataclasses.replace(config, optimizer=optimizer)
         keys = (k_distill, k_sample)
-        result, (draws, importance, sample_stats, warning) = self._distill(
-            teacher, self.generator, config, keys, progress_bar
-        )
-        kept, fallback = self.generator, self.fallback_generator
-        if warning and self.smoothing == "none" and fallback not in (None, self.generator):
-            first_k = importance["pareto_k"]
-            try:
-                other_result, other_draws = self._distill(
-                    teacher, fallback, config, keys, progress_bar
-                )
-            except FloatingPointError:  # the fallback diverged: keep the first fit
-                other_k = float("inf")
-            else:
-                other_k = other_draws[1]["pareto_k"]
-                if other_k < first_k:
-                    result, (draws, importance, sample_stats, warning) = other_result, other_draws
-                    kept, other_k = fallback, first_k
-            importance = {**importance, "fallback_pareto_k": other_k}
+        fallback = self.fallback_generator
+        runs = {self.generator: self._attempt(teacher, self.generator, config, keys, progress_bar)}
+        first = runs[self.generator]
+        failed = isinstance(first, FloatingPointError)
+        if self.smoothing == "none" and fallback not in (None, self.generator) and (
+            failed or first[1][3]
+        ):
+            runs[fallback] = self._attempt(teacher, fallback, config, keys, progress_bar)
+        errors = [run for run in runs.values() if isinstance(run, FloatingPointError)]
+        if len(errors) == 1 == len(runs):
+            raise first
+        if len(errors) == 2:
+            raise FloatingPointError(
+                f"{first}\nThe fallback generator {fallback!r} stopped on NaN too:\n{errors[1]}"
+            ) from first
+        pareto_k = {
+            name: float("inf") if isinstance(run, FloatingPointError) else run[1][1]["pareto_k"]
+            for name, run in runs.items()
+        }
+        kept = min(pareto_k, key=pareto_k.get)  # a tie keeps the first generator
+        result, (draws, importance, sample_stats, warning) = runs[kept]
+        if len(runs) == 2:
+            (other,) = set(runs) - {kept}
+            importance = {**importance, "fallback_pareto_k": pareto_k[other]}
             if warning:
                 warning += f" ({self.generator!r} and {fallback!r} were both tried.)"
         if warning:

@@ -201,22 +201,40 @@ class _Fit:
             "sinh_arcsinh", True, float("inf"),
         ),
         ({"sinh_arcsinh": _Fit(0.3, 1.0)}, "sinh_arcsinh", False, None),  # good: no second try
+        (
+            {"sinh_arcsinh": FloatingPointError, "maf": _Fit(0.5, 2.0)},
+            "maf", False, float("inf"),
+        ),
+        (
+            {"sinh_arcsinh": FloatingPointError, "maf": _Fit(0.9, 2.0)},
+            "maf", True, float("inf"),
+        ),
+        ({"sinh_arcsinh": FloatingPointError, "maf": FloatingPointError}, None, None, None),
     ],
 )
 def test_fallback_generator_keeps_the_better_fit(monkeypatch, fits, kept, warns, other_k):
-    """When the default generator's fit check fails, EMD distils the posterior into the
-    fallback generator and keeps the fit with the lower k-hat (the first when the fallback
-    stops on NaN); it warns only when the kept fit fails the check, naming both tries."""
+    """When the default generator's fit check fails or it stops on NaN, EMD distils the
+    posterior into the fallback generator and keeps the fit with the lower k-hat (a NaN stop
+    counts as inf); it warns only when the kept fit fails the check, naming both tries, and
+    raises with both causes when both stop."""
     calls = []
 
     def fake_distill(self, teacher, name, config, keys, progress_bar):
         calls.append(name)
         if fits[name] is FloatingPointError:
-            raise FloatingPointError("distillation stopped")
+            raise FloatingPointError(f"{name} stopped")
         return fits[name](self, teacher)
 
     monkeypatch.setattr(emdppl.EMD, "_distill", fake_distill)
     model = lambda: numpyro.sample("x", numpyro.distributions.Normal(0.0, 1.0))  # noqa: E731
+    if kept is None:
+        with pytest.raises(FloatingPointError, match="sinh_arcsinh stopped") as raised:
+            emdppl.infer(model, emdppl.EMD(num_samples=8), progress_bar=False)
+        assert "The fallback generator 'maf' stopped on NaN too:\nmaf stopped" in str(raised.value)
+        with pytest.raises(FloatingPointError, match="sinh_arcsinh stopped"):
+            emdppl.infer(model, emdppl.EMD(num_samples=8, fallback_generator=None))
+        assert calls == ["sinh_arcsinh", "maf", "sinh_arcsinh"]
+        return
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         idata = emdppl.infer(model, emdppl.EMD(num_samples=8), progress_bar=False)

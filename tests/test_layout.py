@@ -28,7 +28,7 @@ LAYERS = [
     ["reparam"],
     ["target"],
     ["predictive"],
-    ["bridge", "bridge.callback"],
+    ["bridge", "bridge.callback", "bridge.aten"],
     ["bridge.pyro_model"],
     ["bridge.pyro_target", "bridge.pyro_predictive"],
     ["problem"],

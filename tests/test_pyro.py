@@ -76,11 +76,17 @@ def test_report_matches_numpyro():
         bridge.check_auxiliary_pyro(mixed, strict=True)
 
 
+@pytest.mark.parametrize("evaluate", ["jax", "torch"], ids=["compiled", "host"])
 @pytest.mark.parametrize("auxiliary", [True, False])
-def test_logdensity_and_gradient_match_numpyro(auxiliary):
+def test_logdensity_and_gradient_match_numpyro(auxiliary, evaluate):
+    """Compiled to JAX or evaluated by torch on the host, the Pyro model's log density,
+    gradient and postprocessing are the NumPyro twin's."""
     pyro_target = bridge.target_from_pyro(
-        pyro_eight_schools, model_kwargs=DATA, num_chains=2, auxiliary=auxiliary
+        pyro_eight_schools, model_kwargs=DATA, num_chains=2, auxiliary=auxiliary,
+        evaluate=evaluate,
     )
+    kind = {"jax": bridge.LoweredLogDensity, "torch": bridge.TorchLogDensity}[evaluate]
+    assert isinstance(pyro_target.logdensity_fn, kind)
     numpyro_target = emdppl.Target.from_numpyro(
         eight_schools, model_kwargs=DATA, num_chains=2, auxiliary=auxiliary
     )
@@ -129,6 +135,12 @@ def test_postprocess_is_one_vmapped_model_run_or_a_loop_that_agrees(auxiliary_ta
 
     target = bridge.target_from_pyro(pyro_branching, model_kwargs=dict(y=torch.tensor(0.5)))
     assert target.postprocess_fn.host.batching == "loop"
+    # the log density too stays on the host: a compiled graph would hold one branch only
+    assert isinstance(target.logdensity_fn, bridge.TorchLogDensity)
+    with pytest.raises(bridge.LoweringError, match="control flow on latent values"):
+        bridge.target_from_pyro(
+            pyro_branching, model_kwargs=dict(y=torch.tensor(0.5)), evaluate="jax"
+        )
     x = np.array([[-1.0], [0.5]], np.float32)
     out = target.postprocess_fn.host(x)
     np.testing.assert_allclose(out["x_scaled"], [-2.0, 0.5])
@@ -197,6 +209,8 @@ def test_bad_arguments_are_clear_errors():
         bridge.target_from_pyro(pyro_eight_schools, model_kwargs=dict(DATA, J=8))
     with pytest.raises(ValueError, match="no latent sample sites"):
         bridge.target_from_pyro(lambda: pyro.sample("x", dist.Normal(0, 1), obs=torch.ones(())))
+    with pytest.raises(ValueError, match="evaluate must be one of"):
+        bridge.target_from_pyro(pyro_eight_schools, model_kwargs=DATA, evaluate="xla")
 
 
 def test_infer_recognises_a_pyro_model():
@@ -320,3 +334,38 @@ def test_deprecated_pyro_module_forwards_to_the_bridge(name, home):
     assert moved is getattr(bridge, name)
     with pytest.raises(AttributeError, match="no attribute '_auxiliary'"):
         emdppl.pyro._auxiliary  # noqa: B018
+
+
+def test_a_pareto_prior_takes_the_auxiliary_form_of_its_numpyro_twin():
+    """NumPyro's baseball example has a Pareto prior, a transformed distribution whose base
+    (torch's Exponential) is not a Pyro distribution: Pyro's TransformReparam used to fail on it
+    ('Exponential' object has no attribute 'event_dim')."""
+    numpyro = pytest.importorskip("numpyro")
+    ndist = numpyro.distributions
+
+    def pyro_baseball(at_bats, hits):
+        phi = pyro.sample("phi", dist.Uniform(0.0, 1.0))
+        kappa = pyro.sample("kappa", dist.Pareto(1.0, 1.5))
+        with pyro.plate("n", len(at_bats)):
+            theta = pyro.sample("theta", dist.Beta(phi * kappa, (1 - phi) * kappa))
+            pyro.sample("obs", dist.Binomial(at_bats, theta), obs=hits)
+
+    def baseball(at_bats, hits):
+        phi = numpyro.sample("phi", ndist.Uniform(0.0, 1.0))
+        kappa = numpyro.sample("kappa", ndist.Pareto(1.0, 1.5))
+        with numpyro.plate("n", len(at_bats)):
+            theta = numpyro.sample("theta", ndist.Beta(phi * kappa, (1 - phi) * kappa))
+            numpyro.sample("obs", ndist.Binomial(at_bats, theta), obs=hits)
+
+    data = dict(at_bats=np.full(18, 45.0, np.float32), hits=np.arange(18, 0, -1, dtype=np.float32))
+    pyro_target = bridge.target_from_pyro(pyro_baseball, model_kwargs=data, num_chains=8)
+    numpyro_target = emdppl.Target.from_numpyro(baseball, model_kwargs=data, num_chains=8)
+    shapes = jax.tree.map(jnp.shape, numpyro_target.initial_position)
+    assert jax.tree.map(jnp.shape, pyro_target.initial_position) == shapes
+    assert "kappa_base_decentered" in shapes
+    points = numpyro_target.initial_position
+    np.testing.assert_allclose(
+        jax.vmap(pyro_target.logdensity_fn)(points),
+        jax.vmap(numpyro_target.logdensity_fn)(points),
+        rtol=1e-5,
+    )

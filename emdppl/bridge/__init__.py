@@ -5,6 +5,9 @@ Modules
 callback
     The host-callback / ``custom_vjp`` bridge and the torch log density
     (:func:`torch_logdensity`, :func:`require_torch`, :func:`check_devices`, ``INSTALL_HINT``).
+aten
+    Torch functions lowered to JAX op by op (:func:`lower_to_jax`, :class:`LoweredLogDensity`,
+    :class:`LoweringError`): how a Pyro model's potential is compiled into the sampler.
 torch_teacher
     Torch denoisers and noise predictors as teachers (:func:`from_torch`, :class:`TorchTeacher`).
 pyro_model
@@ -33,6 +36,9 @@ _HOMES = {
     "check_devices": "emdppl.bridge.callback",
     "require_torch": "emdppl.bridge.callback",
     "torch_logdensity": "emdppl.bridge.callback",
+    "LoweredLogDensity": "emdppl.bridge.aten",
+    "LoweringError": "emdppl.bridge.aten",
+    "lower_to_jax": "emdppl.bridge.aten",
     "TorchTeacher": "emdppl.bridge.torch_teacher",
     "from_torch": "emdppl.bridge.torch_teacher",
     "check_auxiliary_pyro": "emdppl.bridge.pyro_model",

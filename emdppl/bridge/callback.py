@@ -24,8 +24,10 @@ One mechanism carries everything: a host callback (:func:`host_callback`) inside
 - Torch computes in ``dtype`` (float64 by default, so float32 JAX inputs lose nothing) on
   ``device``; results come back in the JAX input's dtype.
 
-``torch2jax``-style graph translation is not used: it cannot trace ``torch.distributions``,
-which is what Pyro models are made of. Higher derivatives (Hessians) are not available.
+Higher derivatives (Hessians) are not available through the callback. A Pyro model's potential
+is usually not evaluated here at all but compiled to JAX (:mod:`emdppl.bridge.aten`, which
+records the aten ops ``torch.distributions`` dispatch to); this module serves what does not
+compile, torch teachers, and the host evaluations (initial positions, postprocessing).
 
 torch is imported lazily: importing this module works without it, and calling these functions
 without torch raises an ``ImportError`` naming the extra, ``pip install 'emdppl[pyro]'``.

@@ -20,6 +20,7 @@ names the extra to install, ``pip install 'emdppl[pyro]'``.
 
 from __future__ import annotations
 
+import copy
 import functools
 import sys
 import types
@@ -202,12 +203,24 @@ def _reparams() -> dict[str, Callable[[Any], Any]]:
             raw = pyro.sample(msg["name"] + DECENTERED, self._wrap(unit, event_dim))
             return deterministic(raw * scale if multiply else raw / scale, event_dim)
 
+    class BaseTransformReparam(TransformReparam):
+        """Pyro's ``TransformReparam``, also for a Pyro distribution whose base is a plain torch
+        one (``dist.Pareto``'s ``torch.distributions.Exponential``): the base is given its Pyro
+        class (a subclass that adds no state), which Pyro's sample sites need."""
+
+        def _wrap(self, fn, event_dim):
+            pyro_class = getattr(dist, type(fn).__name__, None)
+            if not hasattr(fn, "event_dim") and pyro_class and issubclass(pyro_class, type(fn)):
+                fn = copy.copy(fn)
+                fn.__class__ = pyro_class
+            return super()._wrap(fn, event_dim)
+
     loc_scale = _families().loc_scale
     return {
         "loc_scale": lambda fn: LocScaleReparam(centered=0.0, shape_params=loc_scale[type(fn)]),
         "multivariate_normal": lambda fn: MultivariateNormalReparam(),
         "scale": lambda fn: ScaleReparam(),
-        "transform": lambda fn: TransformReparam(),
+        "transform": lambda fn: BaseTransformReparam(),
     }
 
 

@@ -28,6 +28,7 @@ import numpy as np
 from jax.flatten_util import ravel_pytree
 
 from emdppl.base import PRNGKey, as_key
+from emdppl.bridge.aten import LoweredLogDensity, LoweringError, agrees_with_torch, lower_to_jax
 from emdppl.bridge.callback import (
     TorchLogDensity,
     _as_numpy,
@@ -51,6 +52,7 @@ __all__ = ["PyroPostprocess", "target_from_pyro"]
 
 _INIT_RADIUS = 2.0
 _INIT_TRIES = 100
+EVALUATIONS = ("auto", "jax", "torch")
 
 
 def torch_seed(rng_key: int | PRNGKey) -> int:
@@ -222,6 +224,25 @@ def _choose_potential(
     return traced if compiled else plain, "loop"
 
 
+def _lowered(
+    potential: _PyroPotential, logdensity: TorchLogDensity, positions: np.ndarray, dtype: Any
+) -> LoweredLogDensity:
+    """Pyro's potential lowered to JAX (:mod:`emdppl.bridge.aten`), checked against torch's
+    value and gradient at the three check points and at ``positions`` (the chains' starts);
+    :class:`~emdppl.bridge.aten.LoweringError` when it does not lower or does not agree."""
+    dim = positions.shape[1]
+    points = _check_points(dim, dtype)
+    fn = lower_to_jax(potential, points[0])
+    points = np.concatenate([points.numpy(), positions.astype(points.numpy().dtype)])
+    reference = logdensity.host.value_and_grad(points)
+    if not agrees_with_torch(jax.jit(jax.vmap(jax.value_and_grad(fn))), points, reference):
+        raise LoweringError(
+            "the lowered potential does not agree with torch's at the check points (Python "
+            "control flow on latent values is recorded for one branch only)"
+        )
+    return LoweredLogDensity(fn, logdensity.unravel_fn)
+
+
 def _initial_positions(
     logdensity: TorchLogDensity, dim: int, num_chains: int, rng_key: PRNGKey
 ) -> np.ndarray:
@@ -306,14 +327,28 @@ def target_from_pyro(
     num_chains: int = 4,
     rng_key: int | PRNGKey = 0,
     auxiliary: bool = True,
+    evaluate: str = "auto",
 ) -> Target:
-    r"""Build the :class:`~emdppl.Target` of a Pyro model's posterior, evaluated by torch.
+    r"""The :class:`~emdppl.Target` of a Pyro model's posterior, compiled to JAX or run by torch.
 
     ``logdensity_fn(position) = -U(position)``, Pyro's potential energy of the (auxiliary)
     model on the unconstrained space: :math:`\log p(\mathrm{data}, T(u)) + \log|\det J_T(u)|`,
-    computed by torch in the dtype of the model's tensors (:func:`.model_dtype`: float32 unless the
-    data or parameters are float64) and returned to JAX as float32 with its gradient in one host
-    round trip (:func:`emdppl.bridge.torch_logdensity`); vmapped chains are one torch batch.
+    in the dtype of the model's tensors (:func:`.model_dtype`: float32 unless the data or
+    parameters are float64), returned to JAX as float32. Two ways to evaluate it:
+
+    - **compiled** (``evaluate="jax"``): the potential recorded once as aten ops and lowered
+      to a JAX function (:mod:`emdppl.bridge.aten`), so the sampler's program holds the model
+      like a NumPyro one (jitted, vmapped, differentiated by JAX; no host call per step). It is
+      used only where it agrees with torch's value and gradient at three check points and at
+      every chain's start. A float64 model computes in float32 unless JAX's x64 mode is on
+      (as the NumPyro twin does with the same data), checked at float32's rounding.
+    - **on the host** (``evaluate="torch"``): torch evaluates value and gradient, one host
+      round trip per gradient (:func:`emdppl.bridge.torch_logdensity`); vmapped chains are one
+      torch batch, in the model's dtype. Models with Python control flow on latent values or
+      ops without a JAX translation run this way.
+
+    ``"auto"`` (the default) compiles where it can and evaluates on the host otherwise;
+    ``target.logdensity_fn`` is a :class:`~emdppl.bridge.aten.LoweredLogDensity` when compiled.
 
     Parameters
     ----------
@@ -330,6 +365,9 @@ def target_from_pyro(
         Seed or key for the initial positions and the model's prototype run.
     auxiliary
         Non-center the model first (module docstring); ``False`` samples it as written.
+    evaluate
+        ``"auto"``, ``"jax"`` (a :class:`~emdppl.bridge.aten.LoweringError` saying why when the
+        model cannot be compiled) or ``"torch"`` (above).
 
     Returns
     -------
@@ -348,6 +386,8 @@ def target_from_pyro(
         raise TypeError(f"model must be a Pyro model (a callable), got {type(model).__name__}.")
     if num_chains < 1:
         raise ValueError(f"num_chains must be >= 1, got {num_chains}.")
+    if evaluate not in EVALUATIONS:
+        raise ValueError(f"evaluate must be one of {EVALUATIONS}, got {evaluate!r}.")
     model_kwargs = dict(model_kwargs or {})
     check_model_arguments(model, tuple(model_args), model_kwargs)
     model_args, model_kwargs = to_torch_args(tuple(model_args), model_kwargs)
@@ -375,4 +415,17 @@ def target_from_pyro(
     postprocess = PyroPostprocess(host)
     flat = _initial_positions(logdensity, dim, num_chains, init_key)
     position = jax.vmap(logdensity.unravel_fn)(jnp.asarray(flat))
-    return Target(logdensity, position, postprocess)
+    if evaluate == "torch":
+        return Target(logdensity, position, postprocess)
+    try:
+        if batching != "vmap":
+            raise LoweringError(
+                "torch.func.vmap does not reproduce the model's potential (Python control flow "
+                "on latent values)"
+            )
+        lowered = _lowered(potential, logdensity, flat, dtype)
+    except LoweringError as error:
+        if evaluate == "jax":
+            raise LoweringError(f"the Pyro model cannot be compiled to JAX: {error}.") from error
+        return Target(logdensity, position, postprocess)
+    return Target(lowered, position, postprocess)
