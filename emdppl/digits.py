@@ -318,6 +318,7 @@ def run_digits(
     rng_key: int = 0,
     torch_teacher: bool = True,
     progress_bar: bool = True,
+    distill_steps: int | None = None,
 ) -> dict:
     """Run the digits experiment; write ``metrics.json``, ``samples_<row>.npy`` and ``grid.png``.
 
@@ -341,6 +342,9 @@ def run_digits(
         torch).
     progress_bar
         Show tqdm bars.
+    distill_steps
+        Steps of every distillation (the torch teacher's: half), in place of the scale's
+        :data:`DISTILL_SIZE`.
 
     Returns
     -------
@@ -364,6 +368,10 @@ def run_digits(
     num_images = NUM_IMAGES[scale]
     teacher_steps, teacher_batch = TEACHER_SIZE[scale]
     distill_size = DISTILL_SIZE[scale]
+    if distill_steps is not None:
+        if distill_steps < 1:
+            raise ValueError(f"distill_steps must be >= 1, got {distill_steps}.")
+        distill_size = (int(distill_steps), *distill_size[1:])
     key = as_key(rng_key)
     k_teacher, k_sample, k_generator, k_distill, k_torch = jax.random.split(key, 5)
 

@@ -22,6 +22,9 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("digits_out"))
     parser.add_argument("--no-torch", action="store_true", help="skip the torch teacher")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bars")
+    parser.add_argument(
+        "--distill-steps", type=int, default=None, help="steps of each distillation (default 2000)"
+    )
     args = parser.parse_args()
     metrics = digits.run_digits(
         args.out,
@@ -30,6 +33,7 @@ def main() -> None:
         rng_key=args.seed,
         torch_teacher=not args.no_torch,
         progress_bar=not args.no_progress,
+        distill_steps=args.distill_steps,
     )
     print(digits.format_table(metrics))
     print(json.dumps({"out": str(args.out)}))
