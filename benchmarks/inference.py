@@ -21,7 +21,6 @@ from pathlib import Path
 import jax
 import matplotlib
 import numpy as np
-from jax.flatten_util import ravel_pytree
 
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -30,7 +29,6 @@ import emdppl  # noqa: E402
 from benchmarks import common  # noqa: E402
 from benchmarks.models import SAMPLER_MODELS, Reference  # noqa: E402
 from benchmarks.samplers import score  # noqa: E402
-from emdppl.target import Target  # noqa: E402
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -86,8 +84,8 @@ def extra_draws_seconds(method: str, name: str, kwargs: dict, settings: dict, id
     ``sampling_seconds`` is pure sampling with the tuned kernel, scaled to 10k draws over all
     chains. SVI: ``SVIResult.sample_posterior(key, 10k)`` (guide draws pushed through the model)
     of the same guide, fitted for one step: the cost of a draw does not depend on the fitted
-    values. EMD: ``EXTRA_DRAWS`` one-step draws of the same (sinh-arcsinh) generator, unravelled
-    and constrained with ``Target.postprocess``, as ``emdppl.EMD`` returns them.
+    values. EMD: ``EMDResult.sample_posterior(key, 10k)`` of the same generator, fitted for one
+    step (raw one-step draws; importance resampling would add one log density per pool draw).
     """
     bench = SAMPLER_MODELS[name]
     key = jax.random.key(seed + 1000)
@@ -104,18 +102,14 @@ def extra_draws_seconds(method: str, name: str, kwargs: dict, settings: dict, id
         )
         return (_seconds(lambda k: fitted.sample_posterior(k, EXTRA_DRAWS), key),
                 "SVIResult.sample_posterior(key, 10k)")
-    target = Target.from_numpyro(bench.model, model_kwargs=kwargs, num_chains=1, rng_key=seed)
-    _, unravel = ravel_pytree(jax.tree.map(lambda x: x[0], target.initial_position))
-    generator = emdppl.generators.sinh_arcsinh(ravel_pytree(target.initial_position)[0].size)
+    fitted = emdppl.EMD(num_steps=1, fallback_generator=None, num_samples=8).fit(
+        seed, bench.model, model_kwargs=kwargs, progress_bar=False
+    )
 
-    @jax.jit
     def draw(k):
-        z = jax.random.normal(k, (EXTRA_DRAWS, generator.latent_dim))
-        positions = jax.vmap(unravel)(jax.vmap(generator)(z))
-        return jax.tree.map(lambda x: x[None], positions)
+        return fitted.sample_posterior(k, EXTRA_DRAWS, importance_resampling=False)
 
-    return (_seconds(lambda k: target.postprocess(draw(k)), key),
-            "one-step generator g(z), 10k draws + Target.postprocess")
+    return _seconds(draw, key), "EMDResult.sample_posterior(key, 10k), one-step draws"
 
 
 def run_method(method: str, name: str, settings: dict, seed: int) -> dict:

@@ -41,7 +41,8 @@ Layout, lower layers first (a module imports only from the lines above it):
 - ``distill_config``: :class:`DistillConfig`, every distillation setting, validated and frozen.
 - ``estep``: the E-step chains over the generator's latents, pure functions.
 - ``emd``: EM distillation as ``init`` / ``build_kernel`` / ``as_top_level_api``.
-- ``distillation``: the driver :func:`distill`, :class:`DistillResult`, :class:`EMD`.
+- ``distillation``: the driver :func:`distill`, :class:`DistillResult`, :class:`EMD`,
+  :class:`EMDResult`.
 - ``infer``: :func:`infer`, one call for every algorithm.
 - ``bridge/``: torch and Pyro, imported lazily (callback, aten lowering to JAX, torch teacher,
   Pyro model, target, predictive, SVI).
@@ -56,7 +57,7 @@ initialize_from_environment()  # EMDPPL_COORDINATOR set: join before a JAX backe
 from emdppl import bridge, distributed, emd, generators, sharding, teachers
 from emdppl.base import Algorithm
 from emdppl.distill_config import DistillConfig
-from emdppl.distillation import EMD, DistillResult, distill
+from emdppl.distillation import EMD, DistillResult, EMDResult, distill
 from emdppl.driver import run
 from emdppl.infer import infer
 from emdppl.inference_data import to_arviz
@@ -76,6 +77,7 @@ __all__ = [
     "Algorithm",
     "DistillConfig",
     "DistillResult",
+    "EMDResult",
     "Problem",
     "Target",
     "auxiliary",

@@ -15,7 +15,7 @@ import dataclasses
 import functools
 import os
 import warnings
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import equinox as eqx
 import jax
@@ -41,7 +41,7 @@ from emdppl.teachers import (
 if TYPE_CHECKING:
     from emdppl.problem import Problem
 
-__all__ = ["EMD", "DistillResult", "OwnDensityStudent", "distill"]
+__all__ = ["EMD", "DistillResult", "EMDResult", "OwnDensityStudent", "distill"]
 
 GENERATORS = ("sinh_arcsinh", "maf", "affine", "mlp")
 #: The generators with an exact density (all but ``"mlp"``).
@@ -400,6 +400,30 @@ def _resample(rng_key: PRNGKey, weights: jax.Array, num: int) -> jax.Array:
 #: Generator draws per returned draw in :class:`EMD`'s importance resampling.
 IMPORTANCE_POOL = 4
 
+
+def _checked_draws(
+    teacher: DensityTeacher, generator: Any, rng_key: PRNGKey, n: int, resample: bool, advice: str
+) -> tuple[jax.Array, dict, np.ndarray | None, str]:
+    r"""``(draws (n, d), attrs, log_weights, warning)``: ``n`` one-step draws, checked by PSIS on
+    a pool of ``IMPORTANCE_POOL * n`` (``n`` without ``resample``) and resampled from it with
+    the smoothed weights when ``resample`` and :math:`\hat k \le 1`; otherwise the first ``n``
+    raw draws with their ``log_weights (n,)`` (``None`` when resampled). ``attrs``:
+    ``pareto_k``, ``importance_ess``, ``nonfinite_draws``, ``importance_resampled``."""
+    k_pool, k_resample = jax.random.split(rng_key)
+    pool = _sample(generator, k_pool, n * (IMPORTANCE_POOL if resample else 1))
+    log_p, log_q = (np.asarray(x) for x in _log_densities(teacher, generator, pool))
+    log_weights = log_p - log_q
+    weights, k, warning = _fit(log_weights, pool, log_p, advice)
+    attrs = {
+        "pareto_k": k,
+        "importance_ess": float(1 / np.sum(weights**2)),
+        "nonfinite_draws": int(np.sum(~np.isfinite(np.asarray(pool)).all(axis=1))),
+    }
+    if not (resample and k <= 1.0):
+        return pool[:n], {**attrs, "importance_resampled": 0}, log_weights[:n], warning
+    index = _resample(k_resample, jnp.asarray(weights), n)
+    return pool[index], {**attrs, "importance_resampled": 1}, None, warning
+
 #: The posterior preset of :class:`EMD`. The posterior's noise range is narrow
 #: (sigma in [sigma_max / 10, sigma_max] = [0.05, 0.5]), so the z step is a constant:
 #: ``z_step_scale=200`` makes ``min(200 sigma^2, max_z_step) = max_z_step = 0.05`` there. It only
@@ -428,11 +452,15 @@ def _log_densities(
     return jax.vmap(lambda u: (teacher.log_prob(u), generator.log_prob(u)))(draws)
 
 
-def psis(log_weights: Any) -> tuple[np.ndarray, float]:
+def psis(log_weights: Any, tolerance: float = 1e-3) -> tuple[np.ndarray, float]:
     r"""Pareto-smoothed importance sampling (Vehtari et al. 2024) of ``log_weights (n,)``:
     ``(weights (n,), k_hat)``, the smoothed weights normalised to sum 1 and the shape
     :math:`\hat k` of the generalised Pareto fit to the largest weights. Non-finite log weights
-    get weight 0 and make :math:`\hat k = \infty`; equal weights give :math:`\hat k = 0`."""
+    get weight 0 and make :math:`\hat k = \infty`. Log weights within ``tolerance`` of each
+    other (weights equal to 0.1% by default) are equal up to rounding, e.g. a generator equal
+    to the posterior with both log densities computed in float32: they are used as they are,
+    with :math:`\hat k = 0` (a tail fitted to rounding noise means nothing; ArviZ gives
+    :math:`\infty` for it)."""
     import arviz as az
 
     log_weights = np.asarray(log_weights, np.float64)
@@ -441,7 +469,7 @@ def psis(log_weights: Any) -> tuple[np.ndarray, float]:
     if not finite.any():
         return weights, float("inf")
     kept = log_weights[finite] - np.max(log_weights[finite])
-    if np.ptp(kept) < 1e-6:  # q = p up to normalisation: no tail to fit
+    if np.ptp(kept) < tolerance:  # q = p up to normalisation and rounding: no tail to fit
         smoothed, k = kept, 0.0
     else:
         psislw = getattr(az, "psislw", None)
@@ -486,7 +514,11 @@ def _fit(
     ``advice`` ends it when the weights are finite."""
     log_weights = np.asarray(log_weights, np.float64)
     n = int(log_weights.shape[0])
-    weights, k = psis(log_weights)
+    tolerance = 1e-3
+    if log_p is not None and np.isfinite(log_p).any():  # float32 rounding of log p and log q
+        scale = np.max(np.abs(np.asarray(log_p, np.float64)[np.isfinite(log_p)]))
+        tolerance = max(tolerance, 64 * float(np.finfo(np.float32).eps) * float(scale))
+    weights, k = psis(log_weights, tolerance)
     threshold = min(1 - 1 / np.log10(max(n, 11)), 0.7)
     if k <= threshold:
         return weights, k, ""
@@ -748,41 +780,49 @@ class EMD:
         ``warning`` is the fit check's (``""`` for a good fit)."""
         if self.smoothing != "none":
             return _sample(generator, rng_key, self.num_samples), {}, None, ""
-        k_pool, k_resample = jax.random.split(rng_key)
-        pool_size = self.num_samples * (IMPORTANCE_POOL if self.importance_resampling else 1)
-        pool = _sample(generator, k_pool, pool_size)
-        log_p, log_q = (np.asarray(x) for x in _log_densities(teacher, generator, pool))
-        log_weights = log_p - log_q
         tried = "maf" in (self.generator, self.fallback_generator)
-        advice = " Raise num_steps." if tried else FIT_ADVICE
-        weights, k, warning = _fit(log_weights, pool, log_p, advice)
-        attrs = {
-            "pareto_k": k,
-            "importance_ess": float(1 / np.sum(weights**2)),
-            "nonfinite_draws": int(np.sum(~np.isfinite(np.asarray(pool)).all(axis=1))),
-        }
-        if not (self.importance_resampling and k <= 1.0):
-            kept = log_weights[: self.num_samples].reshape(self.num_chains, -1)
-            return (
-                pool[: self.num_samples],
-                {**attrs, "importance_resampled": 0},
-                {"log_weight": kept},
-                warning,
-            )
-        index = _resample(k_resample, jnp.asarray(weights), self.num_samples)
-        return pool[index], {**attrs, "importance_resampled": 1}, None, warning
+        draws, attrs, log_weights, warning = _checked_draws(
+            teacher,
+            generator,
+            rng_key,
+            self.num_samples,
+            self.importance_resampling,
+            " Raise num_steps." if tried else FIT_ADVICE,
+        )
+        stats = None
+        if log_weights is not None:
+            stats = {"log_weight": log_weights.reshape(self.num_chains, -1)}
+        return draws, attrs, stats, warning
 
-    def infer(self, problem: Problem, *, rng_key: int | PRNGKey = 0, progress_bar: bool = True):
-        """Distil ``problem``'s posterior into a one-step generator and sample it.
+    def fit(
+        self,
+        rng_key: int | PRNGKey,
+        model: Any,
+        *,
+        model_args: tuple = (),
+        model_kwargs: dict | None = None,
+        auxiliary: bool = True,
+        progress_bar: bool = True,
+    ) -> EMDResult:
+        """Distil ``model``'s posterior (NumPyro, Pyro, or a :class:`~emdppl.Target`) into a
+        one-step generator, and check the fit (the class docstring). The fitted generator draws
+        more posterior samples for the cost of one network pass each
+        (:meth:`EMDResult.sample_posterior`); :meth:`infer` returns ``num_samples`` of them as
+        ArviZ data. A fit that fails the check warns (and says so in ``result.warning``)."""
+        from emdppl.problem import Problem
 
-        Returns an ``arviz.InferenceData`` with the posterior's model sites (constrained) under
-        dims ``(chain=num_chains, draw, ...)`` like MCMC, and the E-step chains as group
-        ``estep_posterior``; :func:`emdppl.infer` adds the model's groups
-        (:func:`emdppl.inference_data.add_model_groups`).
-        """
-        from emdppl.inference_data import to_arviz
+        problem = Problem.of(
+            model, model_args=tuple(model_args), model_kwargs=model_kwargs, auxiliary=auxiliary
+        )
+        result, _ = self._distilled(problem, as_key(rng_key), progress_bar)
+        if result.warning:
+            warnings.warn(result.warning, RuntimeWarning, stacklevel=caller_stacklevel())
+        return result
 
-        k_target, k_distill, k_sample = jax.random.split(as_key(rng_key), 3)
+    def _distilled(self, problem: Problem, rng_key: PRNGKey, progress_bar: bool):
+        """``(EMDResult, (draws, sample_stats))``: the kept fit and its ``num_samples`` checked
+        draws (:meth:`_draws`)."""
+        k_target, k_distill, k_sample = jax.random.split(rng_key, 3)
         target = problem.target(NUM_LAPLACE_STARTS, k_target)
         teacher = density_teacher(target, sigma_max=self.sigma_max, smoothing=self.smoothing)
         config = self.config
@@ -810,32 +850,143 @@ class EMD:
             for name, run in runs.items()
         }
         kept = min(pareto_k, key=pareto_k.get)  # a tie keeps the first generator
-        result, (draws, importance, sample_stats, warning) = runs[kept]
+        distilled, (draws, importance, sample_stats, warning) = runs[kept]
         if len(runs) == 2:
             (other,) = set(runs) - {kept}
             importance = {**importance, "fallback_pareto_k": pareto_k[other]}
             if warning:
                 warning += f" ({self.generator!r} and {fallback!r} were both tried.)"
-        if warning:
-            warnings.warn(warning, RuntimeWarning, stacklevel=caller_stacklevel())
-        positions = jax.vmap(teacher.position)(draws)
+        result = EMDResult(
+            distilled.generator,
+            kept,
+            teacher,
+            target,
+            distilled,
+            importance,
+            warning,
+            self.importance_resampling,
+            problem.is_auxiliary,
+        )
+        return result, (draws, sample_stats)
+
+    def infer(self, problem: Problem, *, rng_key: int | PRNGKey = 0, progress_bar: bool = True):
+        """Distil ``problem``'s posterior into a one-step generator and sample it.
+
+        Returns an ``arviz.InferenceData`` with the posterior's model sites (constrained) under
+        dims ``(chain=num_chains, draw, ...)`` like MCMC, and the E-step chains as group
+        ``estep_posterior``; :func:`emdppl.infer` adds the model's groups
+        (:func:`emdppl.inference_data.add_model_groups`). :meth:`fit` keeps the generator.
+        """
+        from emdppl.inference_data import to_arviz
+
+        result, (draws, sample_stats) = self._distilled(problem, as_key(rng_key), progress_bar)
+        if result.warning:
+            warnings.warn(result.warning, RuntimeWarning, stacklevel=caller_stacklevel())
+        positions = jax.vmap(result.teacher.position)(draws)
         positions = jax.tree.map(lambda x: x.reshape(self.num_chains, -1, *x.shape[1:]), positions)
-        posterior = {k: np.asarray(v) for k, v in target.postprocess(positions).items()}
+        posterior = {k: np.asarray(v) for k, v in result.target.postprocess(positions).items()}
+        distilled, config = result.distillation, result.distillation.config
         attrs = {
             "algorithm": "emd",
-            "generator": kept,
+            "generator": result.name,
             "num_steps": config.num_steps,
             "estep_sampler": config.estep_sampler,
             "num_estep_steps": config.num_estep_steps,
             "update_z": int(config.update_z),
             "noise_cancellation": config.noise_cancellation,
-            "num_skipped_steps": int(result.state.num_skipped),
-            "auxiliary": int(problem.is_auxiliary),
-            "devices": list(result.devices),
+            "num_skipped_steps": int(distilled.state.num_skipped),
+            "auxiliary": int(result.auxiliary),
+            "devices": list(distilled.devices),
         }
-        attrs.update(importance)
-        estep = result.estep_idata.posterior if result.estep_idata is not None else None
+        attrs.update(result.importance)
+        estep = distilled.estep_idata.posterior if distilled.estep_idata is not None else None
         groups = {}
         if estep is not None:
             groups["estep_posterior"] = {name: np.asarray(estep[name].values) for name in estep}
         return to_arviz(posterior, sample_stats, attrs, **groups)
+
+
+class EMDResult(NamedTuple):
+    """A posterior distilled into a one-step generator (:meth:`EMD.fit`).
+
+    Attributes
+    ----------
+    generator
+        The fitted generator: ``u = generator(z)``, ``z (latent_dim,) ~ N(0, I)``, a point of
+        the posterior in the teacher's standardised coordinates (``teacher.position(u)`` is
+        the target's position).
+    name
+        Which generator it is (``EMD``'s ``generator``, or its ``fallback_generator``).
+    teacher
+        The :class:`~emdppl.teachers.DensityTeacher` of the posterior.
+    target
+        The problem's :class:`~emdppl.Target` (its ``postprocess_fn`` gives the model's sites).
+    distillation
+        The :class:`DistillResult` of the kept fit.
+    importance
+        The fit check: ``pareto_k``, ``importance_ess``, ``nonfinite_draws`` (and
+        ``fallback_pareto_k`` when the fallback ran).
+    warning
+        The fit check's warning (``""``: the fit passed).
+    importance_resampling
+        ``EMD``'s setting, the default of :meth:`sample_posterior`.
+    auxiliary
+        Whether the model was fitted in auxiliary form.
+    """
+
+    generator: Any
+    name: str
+    teacher: DensityTeacher
+    target: Any
+    distillation: DistillResult
+    importance: dict
+    warning: str
+    importance_resampling: bool = True
+    auxiliary: bool = True
+
+    def sample_posterior(
+        self,
+        rng_key: int | PRNGKey,
+        num_samples: int,
+        *,
+        importance_resampling: bool | None = None,
+    ) -> dict:
+        r"""``num_samples`` posterior draws of every model site (constrained, and the
+        deterministic sites), each ``(num_samples, ...)``.
+
+        Without resampling they are independent one-step draws :math:`g(z)`: one network pass
+        each, in one compiled program. With ``importance_resampling`` (default: ``EMD``'s
+        setting) they are resampled with PSIS weights :math:`p/q` from ``IMPORTANCE_POOL``
+        times as many draws, which makes them consistent for the posterior where
+        :math:`\hat k` is small, at the cost of one log density per pool draw; the fit check
+        then runs on that pool (a ``RuntimeWarning`` when it fails, and raw draws when
+        :math:`\hat k > 1`).
+        """
+        if num_samples < 1:
+            raise ValueError(f"num_samples must be >= 1, got {num_samples}.")
+        resample = self.importance_resampling if importance_resampling is None else (
+            importance_resampling
+        )
+        key = as_key(rng_key)
+        if not resample or self.teacher.smoothing != "none":
+            return _sample_sites(self.generator, self.teacher, self.target, key, num_samples)
+        draws, _, _, warning = _checked_draws(
+            self.teacher, self.generator, key, num_samples, True, FIT_ADVICE
+        )
+        if warning:
+            warnings.warn(warning, RuntimeWarning, stacklevel=caller_stacklevel())
+        return _sites(self.teacher, self.target, draws)
+
+
+@eqx.filter_jit
+def _sites(teacher: DensityTeacher, target: Any, draws: jax.Array) -> dict:
+    """The model's sites ``{name: (n, ...)}`` at teacher coordinates ``draws (n, d)``."""
+    positions = jax.tree.map(lambda x: x[None], jax.vmap(teacher.position)(draws))
+    return {name: value[0] for name, value in target.postprocess(positions).items()}
+
+
+@eqx.filter_jit
+def _sample_sites(
+    generator: Any, teacher: DensityTeacher, target: Any, rng_key: PRNGKey, n: int
+) -> dict:
+    return _sites(teacher, target, _sample(generator, rng_key, n))

@@ -251,7 +251,7 @@ class _Kernel(_Networks):
             grads, state.theta_opt_state, state.theta
         )
         theta = optax.apply_updates(state.theta, updates)
-        grad_norm = optax.global_norm(grads)
+        grad_norm = optax.tree.norm(grads)
         is_finite = (
             jnp.isfinite(loss)
             & jnp.isfinite(grad_norm)

@@ -22,9 +22,10 @@ ROW_KEYS = ("fid", "precision", "recall", "class_coverage_min", "nfe", "train_se
 def test_distill_digits_smoke_script(tmp_path):
     out = tmp_path / "digits"
     command = [sys.executable, str(ROOT / "examples" / "distill_digits.py"), "--smoke"]
-    command += ["--out", str(out), "--no-progress"]
+    command += ["--out", str(out), "--no-progress", "--distill-steps", "12"]
     subprocess.run(command, check=True, cwd=ROOT, timeout=600)
     metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["settings"]["distill"]["num_steps"] == 12  # --distill-steps, not smoke's 20
     rows = ["floor", "teacher_heun_nfe35", "generator_init", "diff_instruct", "emd"]
     rows.append("emd_torch_teacher")
     for name in rows:
