@@ -21,7 +21,8 @@ LABELS = torch.tensor([2, 0, 1, 1])
 
 def logdensity(x):
     """A potential over many torch.distributions (lgamma, digamma, xlogy, softplus, Cholesky,
-    triangular solves, log_softmax + gather, logsumexp, clamp, where, in-place masked_fill)."""
+    triangular solves, log_softmax + gather, logsumexp, clamp, where, in-place masked_fill) and
+    overloads told apart by name (max, max.dim, maximum; std)."""
     dtype = x.dtype
     loc, log_scale, raw = x[:2], x[2], x[3:]
     scale = torch.nn.functional.softplus(log_scale) + 0.1
@@ -37,6 +38,7 @@ def logdensity(x):
     out = out + td.Categorical(logits=logits).log_prob(LABELS).sum()
     out = out + td.StudentT(scale + 1.0, loc[0], 1.5).log_prob(raw[0]) + torch.logsumexp(raw, 0)
     out = out + torch.special.digamma(scale + 1.0) + torch.where(raw > 0, raw, -raw).mean()
+    out = out + raw.max() - raw[:4].min(0).values + raw.std() + torch.maximum(raw, loc[1]).sum()
     return out + td.Dirichlet(torch.ones(3, dtype=dtype) * 1.5).log_prob(
         torch.softmax(raw[:3], 0)
     )

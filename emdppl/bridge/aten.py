@@ -257,6 +257,22 @@ OPS: dict[str, Callable] = {
     "amin": _reduction(jnp.min),
     "any": _reduction(jnp.any),
     "all": _reduction(jnp.all),
+    "max.default": jnp.max,
+    "min.default": jnp.min,
+    "max.other": jnp.maximum,
+    "min.other": jnp.minimum,
+    "max.dim": lambda x, dim, keepdim=False: (
+        jnp.max(x, axis=dim, keepdims=keepdim), jnp.argmax(x, axis=dim, keepdims=keepdim)
+    ),
+    "min.dim": lambda x, dim, keepdim=False: (
+        jnp.min(x, axis=dim, keepdims=keepdim), jnp.argmin(x, axis=dim, keepdims=keepdim)
+    ),
+    "var": lambda x, dim=None, correction=None, keepdim=False: jnp.var(
+        x, axis=_axes(x, dim), ddof=1 if correction is None else correction, keepdims=keepdim
+    ),
+    "std": lambda x, dim=None, correction=None, keepdim=False: jnp.std(
+        x, axis=_axes(x, dim), ddof=1 if correction is None else correction, keepdims=keepdim
+    ),
     "logsumexp": lambda x, dim, keepdim=False: jsp.logsumexp(
         x, axis=_axes(x, dim), keepdims=keepdim
     ),
@@ -338,11 +354,14 @@ OPS: dict[str, Callable] = {
 
 
 def _op_name(target: Any) -> str | None:
-    """``OPS``' key of an FX node's target (``None`` for ``operator.getitem``)."""
+    """``OPS``' key of an FX node's target: ``"name.overload"`` where that has its own entry
+    (``"max.dim"``), else the op's name (``"add"`` for ``aten.add.Tensor``); ``None`` for
+    ``operator.getitem``."""
     if target is operator.getitem:
         return None
-    packet = getattr(target, "overloadpacket", None)
-    return getattr(packet, "__name__", str(target))
+    name = getattr(getattr(target, "overloadpacket", None), "__name__", str(target))
+    overload = f"{name}.{getattr(target, '_overloadname', '')}"
+    return overload if overload in OPS else name
 
 
 def _constant(tensor: Any) -> jax.Array:
