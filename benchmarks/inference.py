@@ -69,12 +69,15 @@ def standardized_error(draws: dict, reference: Reference, var_names: tuple[str, 
     return float(np.max(np.concatenate(errors)))
 
 
-def _seconds(fn, key) -> float:
-    """Wall seconds of a warm call of ``fn(key)`` (a first call compiles it)."""
+def _seconds(fn, key, repeats: int = 21) -> float:
+    """Median wall seconds of ``repeats`` warm calls of ``fn(key)`` (a first call compiles it)."""
     jax.block_until_ready(fn(jax.random.fold_in(key, 0)))
-    start = time.perf_counter()
-    jax.block_until_ready(fn(jax.random.fold_in(key, 1)))
-    return time.perf_counter() - start
+    seconds = []
+    for i in range(1, repeats + 1):
+        start = time.perf_counter()
+        jax.block_until_ready(fn(jax.random.fold_in(key, i)))
+        seconds.append(time.perf_counter() - start)
+    return float(np.median(seconds))
 
 
 def extra_draws_seconds(method: str, name: str, kwargs: dict, settings: dict, idata, seed: int):

@@ -15,7 +15,8 @@ import dataclasses
 import functools
 import os
 import warnings
-from typing import TYPE_CHECKING, Any, NamedTuple
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 import equinox as eqx
 import jax
@@ -74,10 +75,22 @@ def _probe(kernel, teacher, state: emd.EMDState, rng_key, sigmas, num_chains: in
     return jax.tree.map(lambda x: jnp.moveaxis(x, 0, 2), trace)
 
 
+@functools.partial(jax.jit, static_argnums=(1, 2))
+def _latents(rng_key: PRNGKey, n: int, latent_dim: int) -> jax.Array:
+    """``z (n, latent_dim) ~ N(0, I)``."""
+    return jax.random.normal(rng_key, (n, latent_dim))
+
+
 @eqx.filter_jit
-def _sample(generator: generators_module.AbstractGenerator, rng_key: PRNGKey, n: int):
-    z = jax.random.normal(rng_key, (n, generator.latent_dim))
+def _push(generator: generators_module.AbstractGenerator, z: jax.Array) -> jax.Array:
     return jax.vmap(generator)(z)
+
+
+def _sample(generator: generators_module.AbstractGenerator, rng_key: PRNGKey, n: int):
+    """``n`` one-step draws ``g(z)``, ``(n, d)``. The latents are drawn in a program of their
+    own: XLA:CPU runs threefry and a small generator fused in one program about twice as slowly
+    as the two apart (``benchmarks/README.md``, "Measurements behind defaults")."""
+    return _push(generator, _latents(rng_key, n, generator.latent_dim))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -906,7 +919,8 @@ class EMD:
         return to_arviz(posterior, sample_stats, attrs, **groups)
 
 
-class EMDResult(NamedTuple):
+@dataclasses.dataclass(frozen=True)
+class EMDResult:
     """A posterior distilled into a one-step generator (:meth:`EMD.fit`).
 
     Attributes
@@ -969,7 +983,7 @@ class EMDResult(NamedTuple):
         )
         key = as_key(rng_key)
         if not resample or self.teacher.smoothing != "none":
-            return _sample_sites(self.generator, self.teacher, self.target, key, num_samples)
+            return self._sites_at(_latents(key, num_samples, self.generator.latent_dim))
         draws, _, _, warning = _checked_draws(
             self.teacher, self.generator, key, num_samples, True, FIT_ADVICE
         )
@@ -977,16 +991,15 @@ class EMDResult(NamedTuple):
             warnings.warn(warning, RuntimeWarning, stacklevel=caller_stacklevel())
         return _sites(self.teacher, self.target, draws)
 
+    @functools.cached_property
+    def _sites_at(self) -> Callable[[jax.Array], dict]:
+        """``z (n, latent_dim) -> {name: (n, ...)}``, the model's sites at ``g(z)``: one program
+        with the fitted generator as constants (no per-call flattening of the modules)."""
+        return jax.jit(lambda z: _sites(self.teacher, self.target, jax.vmap(self.generator)(z)))
+
 
 @eqx.filter_jit
 def _sites(teacher: DensityTeacher, target: Any, draws: jax.Array) -> dict:
     """The model's sites ``{name: (n, ...)}`` at teacher coordinates ``draws (n, d)``."""
     positions = jax.tree.map(lambda x: x[None], jax.vmap(teacher.position)(draws))
     return {name: value[0] for name, value in target.postprocess(positions).items()}
-
-
-@eqx.filter_jit
-def _sample_sites(
-    generator: Any, teacher: DensityTeacher, target: Any, rng_key: PRNGKey, n: int
-) -> dict:
-    return _sites(teacher, target, _sample(generator, rng_key, n))
